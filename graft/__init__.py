@@ -1,0 +1,40 @@
+"""torch-graft: fit a checkpoint in any common format to a changed model.
+
+    report = graft.load(model, "vgg16_epoch500.pth", freeze="loaded")
+    optimizer = torch.optim.AdamW(graft.trainable_parameters(model))
+"""
+
+from graft.errors import CheckpointError, GraftError, PlanError
+from graft.freezing import (
+    freeze,
+    frozen_parameter_names,
+    param_groups,
+    trainable_named_parameters,
+    trainable_parameters,
+    unfreeze,
+)
+from graft.loading.api import load, open, plan
+from graft.loading.formats import Checkpoint, TensorMeta
+from graft.loading.plan import LoadPlan
+from graft.loading.report import LoadReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "open",
+    "plan",
+    "load",
+    "freeze",
+    "unfreeze",
+    "trainable_parameters",
+    "trainable_named_parameters",
+    "frozen_parameter_names",
+    "param_groups",
+    "Checkpoint",
+    "TensorMeta",
+    "LoadPlan",
+    "LoadReport",
+    "GraftError",
+    "CheckpointError",
+    "PlanError",
+]

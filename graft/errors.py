@@ -1,0 +1,32 @@
+"""The error policy of torch-graft.
+
+User mistakes and bad files raise these (never a bare assert); each message names the
+file or key, says what is wrong, and says the way out.
+"""
+
+from __future__ import annotations
+
+
+class GraftError(Exception):
+    """Base class of every error torch-graft raises on purpose."""
+
+
+class CheckpointError(GraftError):
+    """A checkpoint cannot be read: missing, unknown format, truncated, corrupt, unsafe."""
+
+    def __init__(self, path: object, problem: str, way_out: str | None = None):
+        self.path = str(path)
+        self.problem = problem
+        self.way_out = way_out
+        message = f"{self.path}: {problem}"
+        if way_out:
+            message += f"\n  way out: {way_out}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        # Lets the error cross process boundaries (broadcast from rank 0) unchanged.
+        return (type(self), (self.path, self.problem, self.way_out))
+
+
+class PlanError(GraftError, ValueError):
+    """The checkpoint and the model cannot be matched as asked (collision, shape, dtype)."""

@@ -1,0 +1,234 @@
+"""The reader interface every checkpoint format implements.
+
+A reader knows names, shapes and dtypes from metadata alone, and reads only the tensors it
+is asked for. Formats whose tensors are plain byte ranges of a file (safetensors, torch
+zip files, DeepSpeed fp32 partitions...) describe them as `Span`s; the base class then
+reads those bytes straight into the destination's memory, in file order, after telling
+the kernel exactly which ranges are coming (so read-ahead fetches nothing we discard).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import torch
+
+from graft.errors import CheckpointError
+
+# Large reads are split so a progress bar moves and one syscall never exceeds Linux's
+# 2 GiB read cap.
+_READ_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What is known of one checkpoint tensor before any of its bytes are read."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Span:
+    """A tensor stored as `nbytes` contiguous bytes at `offset` of `file`, in its own dtype."""
+
+    file: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(kw_only=True)
+class OpenOptions:
+    """Options of `graft.open`; each reader uses the ones that concern it."""
+
+    container: str | None = None
+    """Torch files: the key (dotted for nesting) that holds the state dict; found if None."""
+    allow_globals: Sequence[str] = ()
+    """Torch files: qualified names of extra pickle globals to accept, rebuilt as inert
+    stand-ins (no code from the file runs). The safe way past a blocked global."""
+    trust_pickle: bool = False
+    """Torch files: unpickle with weights_only=False. Runs code from the file: only for
+    files you trust completely."""
+    tag: str | None = None
+    """DeepSpeed folders: the tag (e.g. 'global_step100'); the `latest` file if None."""
+    model_index: int = 0
+    """accelerate folders: which model of `save_state` (model.safetensors, model_1...)."""
+    extra: dict = field(default_factory=dict)
+    """Options for readers added later, by name."""
+
+
+class Checkpoint(ABC):
+    """A lazily opened checkpoint: metadata now, tensor bytes only on request."""
+
+    format: ClassVar[str]
+    """Short name shown in reports: 'torch', 'safetensors', 'hf-index', ..."""
+    describes: ClassVar[str]
+    """What `graft.open` looks for to pick this reader (used in 'unknown format' errors)."""
+
+    def __init__(self, path: str | os.PathLike, options: OpenOptions):
+        self.path = Path(path)
+        self.options = options
+        self.source: str | None = None
+        """Where inside the checkpoint the weights came from (container key, master copy...)."""
+        self.bytes_read = 0
+
+    # -- discovery -----------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def can_open(cls, path: Path) -> bool:
+        """Cheap test (suffix, a few magic bytes, marker files) that this reader applies."""
+
+    # -- metadata ------------------------------------------------------------------
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Every tensor name, from metadata only."""
+
+    @abstractmethod
+    def meta(self, key: str) -> TensorMeta:
+        """Shape, dtype and file of one tensor; reads no tensor data."""
+
+    def info(self) -> dict:
+        """Facts for `graft inspect` and reports; readers add their own (tag, world size...)."""
+        return {"format": self.format, "path": str(self.path), "source": self.source}
+
+    # -- data ----------------------------------------------------------------------
+    def span(self, key: str) -> Span | None:
+        """The byte range of `key` if it is stored raw and contiguous; None otherwise."""
+        return None
+
+    def _materialize(self, key: str) -> torch.Tensor:
+        """Readers without spans return the tensor here (a CPU tensor, possibly mmap-backed)."""
+        raise NotImplementedError(f"{type(self).__name__} has neither spans nor _materialize")
+
+    def validate(self, keys: Iterable[str]) -> None:
+        """Check, before any copy starts, that every byte the keys need is on disk."""
+        sizes: dict[str, int] = {}
+        for key in keys:
+            span = self.span(key)
+            if span is None:
+                continue
+            if span.file not in sizes:
+                try:
+                    sizes[span.file] = os.path.getsize(span.file)
+                except OSError as e:
+                    raise CheckpointError(
+                        span.file, f"cannot stat the file holding {key!r}: {e}",
+                        "restore the missing file or point graft at a complete checkpoint",
+                    ) from e
+            if span.offset + span.nbytes > sizes[span.file]:
+                raise CheckpointError(
+                    span.file,
+                    f"truncated: {key!r} needs bytes [{span.offset}, {span.offset + span.nbytes})"
+                    f" but the file has {sizes[span.file]} bytes",
+                    "the file was cut short (interrupted copy or download); copy it again",
+                )
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """A CPU tensor with the checkpoint's values of `key` (fresh memory or a file view)."""
+        meta = self.meta(key)
+        out = torch.empty(meta.shape, dtype=meta.dtype)
+        self.read_into([(key, out)])
+        return out
+
+    def read_into(
+        self,
+        requests: Sequence[tuple[str, torch.Tensor]],
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fill each `out` (CPU, contiguous, the checkpoint's dtype and numel) with `key`.
+
+        Spanned tensors are read with pread straight into `out`, grouped by file and in
+        offset order; the rest are copied from `_materialize`.
+        """
+        by_file: dict[str, list[tuple[Span, torch.Tensor]]] = defaultdict(list)
+        for key, out in requests:
+            meta = self.meta(key)
+            assert out.device.type == "cpu" and out.is_contiguous(), key
+            assert out.dtype == meta.dtype and out.numel() == meta.numel, key
+            span = self.span(key)
+            if span is None:
+                out.copy_(self._materialize(key).reshape(out.shape))
+                self.bytes_read += meta.nbytes
+                if on_bytes:
+                    on_bytes(meta.nbytes)
+            else:
+                by_file[span.file].append((span, out))
+        for file, items in by_file.items():
+            items.sort(key=lambda item: item[0].offset)
+            self.bytes_read += read_spans(file, items, on_bytes)
+
+    def close(self) -> None:
+        """Release open files and maps."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def writable_buffer(out: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
+    nbytes = out.numel() * out.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray(0))
+    return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+
+
+def read_spans(
+    file: str,
+    items: Sequence[tuple[Span, torch.Tensor]],
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """pread each span of one file into its tensor; returns the bytes read.
+
+    The kernel is told the access is random (no speculative read-ahead) and then exactly
+    which ranges will be needed (WILLNEED starts them asynchronously), so the bytes read
+    from storage are the bytes kept, and the I/O of the next range overlaps the copy of
+    this one.
+    """
+    total = 0
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for span, _ in items:
+                os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
+        for span, out in items:
+            view = writable_buffer(out)
+            done = 0
+            while done < span.nbytes:
+                n = os.preadv(fd, [view[done : done + _READ_CHUNK]], span.offset + done)
+                if n <= 0:
+                    raise CheckpointError(
+                        file,
+                        f"unexpected end of file at byte {span.offset + done}"
+                        f" (needed {span.offset + span.nbytes})",
+                        "the file is truncated; copy it again",
+                    )
+                done += n
+                if on_bytes:
+                    on_bytes(n)
+            total += done
+    finally:
+        os.close(fd)
+    return total
