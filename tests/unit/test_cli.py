@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from graft.launch.cli import main
+from graft.models import tiny_vgg
+
+
+def test_inspect_and_diff(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "base.pth"
+    torch.save({"model": tiny_vgg(num_classes=10).state_dict()}, path)
+
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "torch" and info["container"] == "model"
+    assert info["tensors"] == len(tiny_vgg().state_dict()) and info["bytes"] > 0
+    assert set(info["groups"]) == {"features", "classifier"} and "float32" in info["dtypes"]
+
+    args = ["diff", str(path), "--model", "graft.models:tiny_vgg_rnn3", "--model-kwargs", '{"num_classes": 4}']
+    assert main(args + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan["new"]) == {"rnn3.0.weight", "rnn3.0.bias"}
+    assert set(plan["mismatched"]) == {"classifier.6.weight", "classifier.6.bias"}
+    assert main(args + ["--min-coverage", "0.9999"]) == 1
+    out = capsys.readouterr()
+    assert "rnn3.0.weight" in out.out and "below --min-coverage" in out.err
+    assert main(args + ["--exclude", "features.*", "--min-coverage", "0.5"]) == 1
+
+
+def test_console_script_reports_errors_cleanly(tmp_path):
+    exe = Path(sys.executable).parent / "graft"
+    proc = subprocess.run([str(exe), "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
