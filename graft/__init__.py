@@ -17,6 +17,7 @@ from graft.loading.api import load, open, plan
 from graft.loading.formats import Checkpoint, TensorMeta
 from graft.loading.plan import LoadPlan
 from graft.loading.report import LoadReport
+from graft.wrapping import deepspeed_params, wrap_ddp, wrap_fsdp2
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,7 @@ __all__ = [
     "GraftError",
     "CheckpointError",
     "PlanError",
+    "deepspeed_params",
+    "wrap_ddp",
+    "wrap_fsdp2",
 ]

@@ -172,6 +172,9 @@ class TrainConfig:
     """Seeds the model init, the data split and every epoch's data order."""
     max_steps_per_epoch: int | None = None
     """Cut each epoch after this many steps (quick runs, tests); null: the whole loader."""
+    session_epochs: int | None = None
+    """Stop this launch after this many epochs (a checkpoint is saved) and continue later with
+    --resume auto: for job time limits. null: run to train.epochs."""
     strategy: str = "auto"
     """auto (whatever accelerate launch set up: one process, DDP, DeepSpeed) | fsdp2 (fully_shard)."""
     log_every: int = 10
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"train.strategy={self.strategy!r}; use auto or fsdp2")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"train.max_steps_per_epoch={self.max_steps_per_epoch}; use null or >= 1")
+        if self.session_epochs is not None and self.session_epochs < 1:
+            raise ValueError(f"train.session_epochs={self.session_epochs}; use null or >= 1")
         if self.log_every < 1:
             raise ValueError("train.log_every must be >= 1")
 
@@ -238,7 +243,7 @@ class RunConfig:
 # math nor the data order of the steps already taken.
 SAFE_ON_RESUME = frozenset({
     "train.epochs", "train.save_every", "train.keep_last", "train.out_dir", "train.log_every",
-    "train.progress", "data.num_workers", "data.root", "schedule.on_extend", "init.checkpoint",
+    "train.progress", "train.session_epochs", "data.num_workers", "data.root", "schedule.on_extend", "init.checkpoint",
 })
 
 

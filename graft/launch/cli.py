@@ -16,7 +16,7 @@ def _open(args):
     import graft
 
     return graft.open(args.path, format=args.format, container=args.container,
-                      allow_globals=args.allow_global or (), tag=getattr(args, "tag", None))
+                      allow_globals=args.allow_global or (), tag=args.tag, model_index=args.model_index)
 
 
 def _add_open_options(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,8 @@ def _add_open_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-global", action="append", metavar="QUALNAME",
                    help="accept this pickle global as an inert stand-in (repeatable)")
     p.add_argument("--tag", help="DeepSpeed folders: the tag to read (default: the `latest` file)")
+    p.add_argument("--model-index", type=int, default=0,
+                   help="accelerate save_state folders: which model (0 for model.safetensors, 1 for model_1...)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
 
 

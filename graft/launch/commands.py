@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +46,9 @@ DEEPSPEED_CONFIGS = {
     "zero3": CONFIGS / "deepspeed" / "zero3.json",
 }
 
-# What the launched script can read to learn how it was started. GRAFT_STRATEGY matters
-# for fsdp under torchrun, where no accelerate plugin tells the trainer to shard.
+# What the launched script can read to learn how it was started (informational: this
+# repo's trainer learns about FSDP2 from train.strategy=fsdp2, which `graft train` adds).
+DEFAULT_PORT = 29500
 ENV_STRATEGY = "GRAFT_STRATEGY"
 ENV_DEVICE = "GRAFT_DEVICE"
 
@@ -65,8 +67,8 @@ class LaunchOptions:
     """This machine's rank among the nodes (0 is the one at main_address)."""
     main_address: str | None = None
     """Address of node 0, which every node reaches for the rendezvous (required if nodes > 1)."""
-    main_port: int = 29500
-    """TCP port on node 0 for the rendezvous."""
+    main_port: int | None = None
+    """TCP port on node 0 for the rendezvous (None: a free port on one node, 29500 across nodes)."""
     device: str = "auto"
     """auto (GPU when torch sees one) | cpu | gpu."""
     mixed_precision: str = "no"
@@ -94,7 +96,7 @@ class LaunchOptions:
         if self.nodes > 1 and not self.main_address:
             raise ValueError(f"nodes={self.nodes}: every node needs main_address, the address of node 0 "
                              "(under Slurm: the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`)")
-        if not 1 <= self.main_port <= 65535:
+        if self.main_port is not None and not 1 <= self.main_port <= 65535:
             raise ValueError(f"main_port={self.main_port} is not a TCP port")
         if self.deepspeed_config and self.strategy not in ("zero2", "zero3"):
             raise ValueError(f"deepspeed_config={self.deepspeed_config!r} needs strategy zero2 or zero3, "
@@ -136,6 +138,20 @@ def resolve_device(device: str) -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (a second job on the same machine must not clash on 29500)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port(opts: LaunchOptions) -> int:
+    if opts.main_port is not None:
+        return opts.main_port
+    # Every node must agree on the port, so only a one-node job may pick one by itself.
+    return DEFAULT_PORT if opts.nodes > 1 else free_port()
+
+
 def _tool(name: str) -> str:
     """The launcher next to this interpreter (the venv's), else the one on PATH."""
     local = Path(sys.executable).parent / name
@@ -159,7 +175,8 @@ def _script(script: str) -> str:
         return _pretty(p)
     if (REPO / p).exists():
         return _pretty(REPO / p)
-    raise FileNotFoundError(f"training script {script!r} not found in {Path.cwd()} nor in {REPO}")
+    where = {str(Path.cwd()), str(REPO)}
+    raise FileNotFoundError(f"training script {script!r} not found in {' nor in '.join(sorted(where))}")
 
 
 def _existing(path: str | Path, what: str) -> str:
@@ -177,10 +194,10 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
 
     if opts.strategy == "fsdp" and device == "cpu":
         notes.append("fsdp on CPU: accelerate's FSDP plugin does nothing without a GPU, so train.py runs "
-                     "under torchrun and wraps the model with torch's fully_shard itself (GRAFT_STRATEGY=fsdp)")
+                     "under torchrun and wraps the model with torch's fully_shard itself (train.strategy=fsdp2)")
         argv = [_tool("torchrun"), "--nproc_per_node", str(opts.nproc), "--nnodes", str(opts.nodes),
                 "--node_rank", str(opts.node_rank),
-                "--master_addr", opts.main_address or "127.0.0.1", "--master_port", str(opts.main_port),
+                "--master_addr", opts.main_address or "127.0.0.1", "--master_port", str(_port(opts)),
                 script, *script_args]
         return Command(argv, env, notes)
 
@@ -206,9 +223,9 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
              "--mixed_precision", opts.mixed_precision, "--dynamo_backend", "no"]
     if opts.nodes > 1:
         argv += ["--machine_rank", str(opts.node_rank), "--main_process_ip", opts.main_address,
-                 "--main_process_port", str(opts.main_port)]
+                 "--main_process_port", str(_port(opts))]
     elif not single:
-        argv += ["--main_process_port", str(opts.main_port)]
+        argv += ["--main_process_port", str(_port(opts))]
 
     if device == "cpu" and opts.strategy == "ddp" and not single:
         # Without it each process builds a GPU-less Accelerator that sees a world of 1.

@@ -7,11 +7,13 @@ Called by `graft.load` on every rank of an initialised process group (world size
                                        or the error, which every rank then raises
     agreement   all_gather_object    each rank plans its own model from rank 0's metadata
                                        and compares with rank 0's plan
-    stream      broadcast (async)    buckets of planned bytes; rank 0 reads bucket k+1 while
-                                       bucket k is on the wire; a 64-byte header in each bucket
-                                       carries the status, so a failed read ends the stream
-                                       with the same error everywhere
-    final       broadcast_object_list  rank 0's byte count and time, so every report is equal
+    stream      broadcast (async)    a status, then the bytes, per message: large tensors in
+                                       chunks sent from / received into the parameters' own
+                                       memory, small ones packed in buckets; rank 0 reads
+                                       message k+1 while message k is on the wire; a failed
+                                       read sends "failed" and every rank stops
+    final       all_gather_object    any rank's failure (read, copy) is raised on every rank;
+                                       else rank 0's byte count and time: every report is equal
 
 Why collectives of our own rather than `set_model_state_dict(broadcast_from_rank0=True)`
 (STYLE 7): that path needs the whole state dict in rank 0's memory and sends one tensor
@@ -41,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from graft._logging import get_logger, progress
-from graft.errors import CheckpointError, GraftError, PlanError
+from graft.errors import GraftError, PlanError
 from graft.loading.formats.base import Checkpoint, Span, TensorMeta, read_spans
 from graft.loading.plan import Entry, LoadPlan, model_tensors
 from graft.loading.plan import plan as make_plan
@@ -52,9 +54,7 @@ log = get_logger("graft")
 Strategy = Literal["broadcast", "every-rank"]
 STRATEGIES = ("broadcast", "every-rank")
 DEFAULT_BUCKET_MB = 64
-# Each bucket starts with this header: int64 [status, sequence number]. 64 bytes keeps
-# every payload offset aligned for any dtype view.
-_HEADER = 64
+# Packed tensors start at multiples of this: any dtype view of a bucket slice is aligned.
 _ALIGN = 64
 _OK, _FAILED = 1, 2
 # Below this, a progress bar is only noise.
@@ -100,6 +100,9 @@ class RemoteCheckpoint(Checkpoint):
         return list(self._metas)
 
     def meta(self, key: str) -> TensorMeta:
+        if self._metas[key] is None:
+            raise PlanError(f"{self.path}: this rank's model wants {key!r}, which rank 0's model does not"
+                            " (the models differ)")
         shape, dtype, file = self._metas[key]
         return TensorMeta(key, shape, dtype, file)
 
@@ -110,11 +113,17 @@ class RemoteCheckpoint(Checkpoint):
         raise GraftError(f"{key!r}: ranks other than 0 never read the checkpoint (internal error)")
 
 
-def _metadata(ckpt: Checkpoint) -> dict:
+def _metadata(ckpt: Checkpoint, plan: LoadPlan) -> dict:
+    """Every key name, and the shape/dtype of the keys rank 0's plan looked at (asking a
+    sharded reader for the others would open shards the plan never needed)."""
+    consulted = {e.ckpt_key for e in plan.entries.values() if e.ckpt_key and e.ckpt_shape is not None}
     metas = {}
     for k in ckpt.keys():
-        m = ckpt.meta(k)
-        metas[k] = (tuple(m.shape), m.dtype, m.file)
+        if k in consulted:
+            m = ckpt.meta(k)
+            metas[k] = (tuple(m.shape), m.dtype, m.file)
+        else:
+            metas[k] = None
     return {"path": str(ckpt.path), "format": ckpt.format, "source": ckpt.source, "info": ckpt.info(),
             "metas": metas}
 
@@ -210,7 +219,6 @@ class _Item:
     kind: Literal["ckpt", "rank0"]
     """'ckpt': read from the checkpoint by rank 0; 'rank0': rank 0's own tensor"""
     nbytes: int
-    start: int = 0
 
 
 @dataclass
@@ -218,28 +226,44 @@ class _Piece:
     item: _Item
     item_off: int
     nbytes: int
-    bucket_off: int
+    msg_off: int
 
 
-def _layout(items: list[_Item], capacity: int) -> tuple[int, list[list[_Piece]]]:
-    """Lay the items end to end (aligned) and cut the stream into buckets of `capacity`."""
+@dataclass
+class _Msg:
+    """One broadcast: a chunk of one large tensor (`direct`), or many small tensors packed."""
+
+    nbytes: int
+    pieces: list[_Piece]
+    direct: bool
+
+
+def _messages(items: list[_Item], capacity: int) -> list[_Msg]:
+    """Cut the stream into messages of at most `capacity` bytes.
+
+    Large tensors travel as chunks of their own, received straight into the parameter's
+    memory (no bucket, no copy) where the parameter takes the bytes as they are; small
+    ones are packed (64-byte aligned) into buckets and copied out.
+    """
+    threshold = max(_ALIGN, capacity // 4)
+    msgs: list[_Msg] = []
+    packed: list[_Piece] = []
     pos = 0
     for it in items:
-        pos = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
-        it.start = pos
-        pos += it.nbytes
-    total = pos
-    n = (total + capacity - 1) // capacity if total else 0
-    buckets: list[list[_Piece]] = [[] for _ in range(n)]
-    for it in items:
-        off = 0
-        while off < it.nbytes:
-            k = (it.start + off) // capacity
-            b_off = it.start + off - k * capacity
-            size = min(it.nbytes - off, capacity - b_off)
-            buckets[k].append(_Piece(it, off, size, b_off))
-            off += size
-    return total, buckets
+        if it.nbytes >= threshold:
+            for off in range(0, it.nbytes, capacity):
+                n = min(capacity, it.nbytes - off)
+                msgs.append(_Msg(n, [_Piece(it, off, n, 0)], True))
+            continue
+        start = (pos + _ALIGN - 1) // _ALIGN * _ALIGN
+        if start + it.nbytes > capacity:
+            msgs.append(_Msg(pos, packed, False))
+            packed, start = [], 0
+        packed.append(_Piece(it, 0, it.nbytes, start))
+        pos = start + it.nbytes
+    if packed:
+        msgs.append(_Msg(pos, packed, False))
+    return msgs
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -255,82 +279,110 @@ def _comm_device() -> torch.device:
 
 
 class _Stream:
-    """Rank 0 fills buckets; everyone (rank 0 included) copies out of them."""
+    """Rank 0 fills messages (reading the checkpoint); every rank puts them in place.
+
+    Per message: a 16-byte status (ok / failed: the others stop, the error follows in the
+    final step), then the bytes. Rank 0 reads message k+1 while message k is on the wire.
+    """
 
     def __init__(self, model, plan: LoadPlan, items: list[_Item], bucket_bytes: int, rank: int,
                  ckpt: Checkpoint | None, show_progress: bool):
         self.plan, self.rank, self.ckpt = plan, rank, ckpt
         # Two alternating buffers of half the budget each: extra memory stays bucket_mb.
-        capacity = max(_ALIGN, (bucket_bytes // 2 - _HEADER) // _ALIGN * _ALIGN)
-        self.total, self.buckets = _layout(items, capacity)
-        self.capacity = capacity
+        self.capacity = max(_ALIGN, (bucket_bytes // 2) // _ALIGN * _ALIGN)
+        self.msgs = _messages(items, self.capacity)
+        self.total = sum(it.nbytes for it in items)
         self.device = _comm_device()
         self.tensors = {k: t.detach() for k, (t, _) in model_tensors(model).items()}
         self.tensors.update({n: b.detach() for n, b in _nonpersistent(model, self.tensors).items()})
         self.staging: dict[str, torch.Tensor] = {}
-        self.cached: dict[str, torch.Tensor] = {}  # rank 0: one checkpoint tensor split over buckets
+        self.cached: dict[str, torch.Tensor] = {}  # rank 0: one checkpoint tensor read in parts
         self.show_progress = show_progress
+        self.read: list[torch.Tensor] = []
+        self.wire: list[torch.Tensor] = []
 
-    def _size(self, k: int) -> int:
-        return min(self.capacity, self.total - k * self.capacity)
+    def _as_is(self, it: _Item, dest: torch.Tensor) -> bool:
+        """Whether the message bytes are exactly `dest`'s bytes (no cast, no reshuffle)."""
+        if not dest.is_contiguous():
+            return False
+        if it.kind == "rank0":
+            return True
+        e = self.plan.entries[it.name]
+        return dest.dtype == e.ckpt_dtype and tuple(dest.shape) == tuple(e.ckpt_shape)
 
-    def _alloc(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        size = _HEADER + min(self.capacity, self.total)
-        wire = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
+    def _in_place(self, m: _Msg) -> torch.Tensor | None:
+        """The destination's own memory, if message `m` can be sent/received right there."""
+        if not m.direct:
+            return None
+        p = m.pieces[0]
+        dest = self.tensors[p.item.name]
+        if dest.device != self.device or not self._as_is(p.item, dest):
+            return None
+        if self.rank == 0 and p.item.kind == "ckpt" and dest.device.type != "cpu":
+            return None  # files are read into CPU memory first
+        return _flat_bytes(dest)[p.item_off:p.item_off + p.nbytes]
+
+    def prepare(self) -> None:
+        """Allocate the buffers (before the agreement step, so an allocation failure is shared)."""
+        size = max([m.nbytes for m in self.msgs if self._in_place(m) is None] or [0])
+        self.status = torch.zeros(2, 2, dtype=torch.int64, device=self.device)  # two alternate
+        if not size:
+            return
+        self.wire = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(2)]
         if self.rank == 0 and self.device.type != "cpu":
-            read = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self.read = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         else:
-            read = wire
-        return read, wire
+            self.read = self.wire
+
+    def _buffers(self, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(where rank 0 fills message k, what goes on the wire, in place?)"""
+        m = self.msgs[k]
+        target = self._in_place(m)
+        if target is not None:
+            return target, target, True
+        return self.read[k % 2][:m.nbytes], self.wire[k % 2][:m.nbytes], False
 
     # rank 0 -------------------------------------------------------------------------
-    def _fill(self, k: int, buf: torch.Tensor, bar) -> None:
-        payload = buf[_HEADER:_HEADER + self._size(k)]
+    def _fill(self, k: int, buf: torch.Tensor, in_place: bool, bar) -> None:
         whole: list[tuple[str, torch.Tensor]] = []
-        split: dict[str, list[tuple[Span, torch.Tensor]]] = {}
-        for p in self.buckets[k]:
-            dst = payload[p.bucket_off:p.bucket_off + p.nbytes]
+        parts: dict[str, list[tuple[Span, torch.Tensor]]] = {}
+        for p in self.msgs[k].pieces:
+            dst = buf[p.msg_off:p.msg_off + p.nbytes]
             if p.item.kind == "rank0":
-                dst.copy_(_flat_bytes(self.tensors[p.item.name])[p.item_off:p.item_off + p.nbytes])
+                if not in_place:
+                    dst.copy_(_flat_bytes(self.tensors[p.item.name])[p.item_off:p.item_off + p.nbytes])
                 continue
             entry = self.plan.entries[p.item.name]
             key = entry.ckpt_key
-            if p.nbytes == p.item.nbytes:
-                whole.append((key, dst.view(entry.ckpt_dtype)))
-                continue
-            # A tensor larger than what is left of this bucket: read its bytes in parts.
             span = self.ckpt.span(key)
             if span is not None:
                 part = Span(span.file, span.offset + p.item_off, p.nbytes)
-                split.setdefault(span.file, []).append((part, dst))
-            else:
+                parts.setdefault(span.file, []).append((part, dst))
+            elif p.nbytes == p.item.nbytes:
+                whole.append((key, dst.view(entry.ckpt_dtype)))
+            else:  # no byte range and only a part of it fits: hold one tensor, copy parts
                 if key not in self.cached:
                     self.cached = {key: _flat_bytes(self.ckpt.tensor(key).contiguous())}
                 dst.copy_(self.cached[key][p.item_off:p.item_off + p.nbytes])
                 if p.item_off + p.nbytes == p.item.nbytes:
                     self.cached = {}
+        for file, spans in parts.items():
+            spans.sort(key=lambda x: x[0].offset)
+            self.ckpt.bytes_read += read_spans(file, spans, bar.update)
         if whole:
             self.ckpt.read_into(whole, on_bytes=bar.update)
-        for file, parts in split.items():
-            parts.sort(key=lambda x: x[0].offset)
-            self.ckpt.bytes_read += read_spans(file, parts, bar.update)
 
     # every rank --------------------------------------------------------------------
-    def _copy_out(self, k: int, buf: torch.Tensor) -> None:
-        payload = buf[_HEADER:_HEADER + self._size(k)]
-        for p in self.buckets[k]:
+    def _copy_out(self, k: int, buf: torch.Tensor, in_place: bool) -> None:
+        if in_place:
+            return
+        for p in self.msgs[k].pieces:
             it = p.item
             if it.kind == "rank0" and self.rank == 0:
                 continue
-            src = payload[p.bucket_off:p.bucket_off + p.nbytes]
+            src = buf[p.msg_off:p.msg_off + p.nbytes]
             dest = self.tensors[it.name]
-            entry = self.plan.entries.get(it.name)
-            if it.kind == "ckpt":
-                as_is = (dest.is_contiguous() and dest.dtype == entry.ckpt_dtype
-                         and tuple(dest.shape) == tuple(entry.ckpt_shape))
-            else:
-                as_is = dest.is_contiguous()
-            if as_is:
+            if self._as_is(it, dest):
                 _flat_bytes(dest)[p.item_off:p.item_off + p.nbytes].copy_(src)
                 continue
             # A cast, a non-contiguous destination: gather the whole tensor, then copy once.
@@ -341,71 +393,87 @@ class _Stream:
             if p.item_off + p.nbytes == it.nbytes:
                 del self.staging[it.name]
                 if it.kind == "ckpt":
+                    entry = self.plan.entries[it.name]
                     copy_into(entry, dest, stage.view(entry.ckpt_dtype).view(entry.ckpt_shape))
                 else:
                     dest.copy_(stage.view(dest.dtype).view(dest.shape))
 
-    def run(self) -> None:
-        if not self.buckets:
-            return
-        read, wire = self._alloc()
-        if self.rank == 0:
-            self._send(read, wire)
-        else:
-            self._receive(wire)
+    def run(self, before=None) -> BaseException | None:
+        """Move every message; returns this rank's failure (or None) for the final agreement.
 
-    def _send(self, read, wire) -> None:
+        `before` runs on rank 0 ahead of the first read; its failure ends the stream like a
+        failed read does.
+        """
+        if not self.msgs:
+            if self.rank == 0 and before is not None:
+                return _attempt(before)
+            return None
+        return self._send(before) if self.rank == 0 else self._receive()
+
+    def _post_status(self, ok: bool, k: int):
+        status = self.status[k % 2]
+        status.copy_(torch.tensor([_OK if ok else _FAILED, k]))
+        return dist.broadcast(status, src=0, async_op=True)
+
+    def _send(self, before) -> BaseException | None:
         bar = progress(self.total, "graft broadcast",
                        enabled=self.show_progress and self.total >= _PROGRESS_MIN_BYTES)
-        n = len(self.buckets)
+        n = len(self.msgs)
+        local = None  # a failure copying into rank 0's own model: the stream still completes
         with bar:
-            failure = self._try_fill(0, read[0], wire[0], bar)
+            failure = _attempt(before) if before is not None else None
+            bufs = self._buffers(0)
+            if failure is None:
+                failure = _attempt(self._fill_wire, 0, bufs, bar)
+            status_work = self._post_status(failure is None, 0)
             for k in range(n):
+                status_work.wait()
                 if failure is not None:
-                    self._send_failure(k, wire[k % 2], failure)
-                cur = wire[k % 2]
-                cur[:16].view(torch.int64).copy_(torch.tensor([_OK, k]))
-                work = dist.broadcast(cur[:_HEADER + self._size(k)], src=0, async_op=True)
-                # While bucket k is on the wire: read bucket k+1, copy bucket k into our own model.
+                    return failure  # the others stop at this status; the error follows at the end
+                read_buf, wire_buf, in_place = bufs
+                work = dist.broadcast(wire_buf, src=0, async_op=True)
+                # While message k is on the wire: read k+1 and announce it, put k into our model.
                 if k + 1 < n:
-                    failure = self._try_fill(k + 1, read[(k + 1) % 2], wire[(k + 1) % 2], bar)
-                self._copy_out(k, read[k % 2])
+                    bufs = self._buffers(k + 1)
+                    failure = _attempt(self._fill_wire, k + 1, bufs, bar)
+                    status_work = self._post_status(failure is None, k + 1)
+                local = local or _attempt(self._copy_out, k, read_buf, in_place)
                 work.wait()
-            if failure is not None:  # cannot happen (the last fill is bucket n-1), kept for safety
-                raise failure
+        return local
 
-    def _try_fill(self, k, read_buf, wire_buf, bar) -> BaseException | None:
-        try:
-            self._fill(k, read_buf, bar)
-            if wire_buf is not read_buf:
-                wire_buf.copy_(read_buf)
-        except Exception as e:  # noqa: BLE001 - any read failure must reach every rank
-            return e
-        return None
+    def _fill_wire(self, k: int, bufs, bar) -> None:
+        read_buf, wire_buf, in_place = bufs
+        self._fill(k, read_buf, in_place, bar)
+        if wire_buf is not read_buf:
+            wire_buf.copy_(read_buf)
 
-    def _send_failure(self, k: int, buf: torch.Tensor, failure: BaseException):
-        buf[:16].view(torch.int64).copy_(torch.tensor([_FAILED, k]))
-        dist.broadcast(buf[:_HEADER + self._size(k)], src=0)
-        dist.broadcast_object_list([_portable(failure)], src=0)
-        raise failure
-
-    def _receive(self, wire) -> None:
-        n = len(self.buckets)
-        pending = None
+    def _receive(self) -> BaseException | None:
+        n = len(self.msgs)
+        failure = None
+        status_work = dist.broadcast(self.status[0], src=0, async_op=True)
         for k in range(n):
-            cur = wire[k % 2]
-            work = dist.broadcast(cur[:_HEADER + self._size(k)], src=0, async_op=True)
-            if pending is not None:  # copy bucket k-1 out while bucket k arrives
-                self._copy_out(pending, wire[pending % 2])
-            work.wait()
-            status, seq = cur[:16].view(torch.int64).tolist()
+            status_work.wait()
+            status, seq = self.status[k % 2].tolist()
             if status != _OK:
-                box = [None]
-                dist.broadcast_object_list(box, src=0)
-                _raise_remote(box[0], 0)
-            assert seq == k, f"bucket {seq} arrived as bucket {k}"
-            pending = k
-        self._copy_out(pending, wire[pending % 2])
+                return failure  # rank 0 failed; its error comes in the final step
+            assert seq == k, f"message {seq} arrived as message {k}"
+            _, wire_buf, in_place = self._buffers(k)
+            work = dist.broadcast(wire_buf, src=0, async_op=True)
+            if k + 1 < n:  # rank 0 announces k+1 as soon as it is read, while k is on the wire
+                status_work = dist.broadcast(self.status[(k + 1) % 2], src=0, async_op=True)
+            work.wait()
+            if failure is None:
+                failure = _attempt(self._copy_out, k, wire_buf, in_place)
+        return failure
+
+
+def _attempt(fn, *args) -> BaseException | None:
+    """Run `fn`; return its exception instead of raising (it must reach every rank first)."""
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - any failure must reach every rank
+        return e
+    return None
 
 
 # -- the two strategies -------------------------------------------------------------------
@@ -489,10 +557,6 @@ def distributed_load(
     settings: dict | None = None,
 ) -> tuple[LoadPlan, TransferStats]:
     """The distributed half of `graft.load`: every rank calls it; returns rank 0's plan and stats."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}; choose one of {STRATEGIES}")
-    if not bucket_mb > 0:
-        raise ValueError(f"bucket_mb={bucket_mb!r}; it must be a positive number of megabytes")
     start = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -505,11 +569,16 @@ def distributed_load(
         raise GraftError(f"graft.load was called with other arguments on rank(s) {differ} than on rank 0:"
                          f"\n  rank 0: {gathered[0]}\n  rank {differ[0]}: {gathered[differ[0]]}"
                          "\n  way out: pass the same strategy, bucket_mb, freeze and plan options on every rank")
+    # Checked after the exchange above, so a bad value fails on every rank alike.
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}; choose one of {STRATEGIES}")
+    if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+        raise ValueError(f"bucket_mb={bucket_mb!r}; it must be a positive number of megabytes")
 
     if strategy == "broadcast":
-        plan, stats = _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress)
+        plan, stats = _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress, start)
     else:
-        plan, stats = _every_rank(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress)
+        plan, stats = _every_rank(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress, start)
     if rank == 0:
         seconds = time.perf_counter() - start
         log.info(f"graft: {strategy} load over {world} ranks: {stats.bytes_read / 1e6:.1f} MB read on rank 0"
@@ -536,7 +605,24 @@ def _open_and_plan(model, ckpt, open_fn, plan_kwargs, rank0_rules: bool):
     return opened, own, plan, nonpersistent
 
 
-def _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress):
+def _shapes(buffers: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {n: (tuple(b.shape), b.dtype) for n, b in buffers.items()}
+
+
+def _finish(local: BaseException | None, stats: tuple | None, rank: int, world: int) -> tuple:
+    """Last step on every rank: any rank's failure is raised everywhere; else rank 0's figures."""
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (_portable(local) if local else None, stats))
+    failed = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
+    if failed:
+        r, exc = failed[0]
+        if r == rank and local is not None:
+            raise local
+        _raise_remote(exc, r)
+    return gathered[0][1]
+
+
+def _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress, start):
     opened = None
     own = False
     try:
@@ -546,16 +632,10 @@ def _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_p
                 if ckpt is None:
                     raise ValueError("rank 0 needs the checkpoint: pass its path or a Checkpoint")
                 opened, own, plan, nonpersistent = _open_and_plan(model, ckpt, open_fn, plan_kwargs, True)
-                with torch.no_grad():  # rank 0's partial copies, before its values are sent
-                    for e in plan.entries.values():
-                        if e.partial:
-                            copy_into(e, model_tensors(model)[e.model_key][0].detach(), opened.tensor(e.ckpt_key))
-                status = {"ok": True, "meta": _metadata(opened), "plan": plan,
-                          "nonpersistent": {n: (tuple(b.shape), b.dtype) for n, b in nonpersistent.items()},
-                          "order": _read_order(plan, opened)}
+                status = {"ok": True, "meta": _metadata(opened, plan), "plan": plan,
+                          "nonpersistent": _shapes(nonpersistent), "order": _read_order(plan, opened)}
             except Exception as e:  # noqa: BLE001 - every failure must reach every rank
-                status = {"ok": False, "error": _portable(e)}
-                dist.broadcast_object_list([status], src=0)
+                dist.broadcast_object_list([{"ok": False, "error": _portable(e)}], src=0)
                 raise
             dist.broadcast_object_list([status], src=0)
         else:
@@ -565,81 +645,93 @@ def _broadcast(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_p
             if not status["ok"]:
                 _raise_remote(status["error"], 0)
         plan: LoadPlan = status["plan"]
-        ref = _signature(plan, status["nonpersistent"])
 
-        # 3. Every rank plans its own model from the metadata; all must match rank 0.
+        # 3. Every rank plans its own model from the metadata; all must match rank 0. The
+        #    stream's buffers are allocated here too, so a failure there is shared as well.
         problem = None
-        if rank != 0:
-            try:
+        stream = None
+        try:
+            if rank != 0:
                 materialize_meta(model)
                 mine = _local_plan(model, status["meta"], plan_kwargs)
-                np_mine = {n: (tuple(b.shape), b.dtype)
-                           for n, b in _nonpersistent(model, model_tensors(model)).items()}
-                diff = _diff(ref, _signature(mine, np_mine))
+                diff = _diff(_signature(plan, status["nonpersistent"]),
+                             _signature(mine, _shapes(_nonpersistent(model, model_tensors(model)))))
                 problem = "; ".join(diff) if diff else None
-            except Exception as e:  # noqa: BLE001 - reported to every rank below
-                problem = f"{type(e).__name__}: {e}"
+            if problem is None:
+                tensors = {k: t for k, (t, _) in model_tensors(model).items()}
+                tensors.update(_nonpersistent(model, tensors))
+                items = _items(plan, status["order"], tensors, list(status["nonpersistent"]), with_ckpt=True)
+                stream = _Stream(model, plan, items, int(bucket_mb * 2**20), rank, opened, show_progress)
+                stream.prepare()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            problem = f"{type(e).__name__}: {e}"
         _agree(problem, rank, world, "the model (or its plan)")
 
-        # 4. The stream.
-        tensors = {k: t for k, (t, _) in model_tensors(model).items()}
-        tensors.update(_nonpersistent(model, tensors))
-        items = _items(plan, status["order"], tensors, list(status["nonpersistent"]), with_ckpt=True)
-        stream = _Stream(model, plan, items, int(bucket_mb * 2**20), rank, opened, show_progress)
-        with torch.no_grad():
-            stream.run()
+        # 4. The stream. Rank 0 first copies partial (overlap) tensors: its values are sent.
+        def partial_copies():
+            for e in plan.entries.values():
+                if e.partial:
+                    copy_into(e, tensors[e.model_key].detach(), opened.tensor(e.ckpt_key))
 
-        # 5. Rank 0's figures, so every rank returns the same report.
-        box = [(opened.bytes_read if opened else 0, 0.0)]
-        if rank == 0:
-            box = [(opened.bytes_read, time.perf_counter() - status.get("t0", 0.0))]
-        dist.broadcast_object_list(box, src=0)
+        with torch.no_grad():
+            local = stream.run(before=partial_copies)
+        # 5. Any failure reaches every rank; else rank 0's figures, so every report is equal.
+        figures = (opened.bytes_read, time.perf_counter() - start) if rank == 0 else None
+        bytes_read, seconds = _finish(local, figures, rank, world)
     finally:
         if own and opened is not None:
             opened.close()
-    bytes_read, _ = box[0]
-    return plan, TransferStats(bytes_read, 0.0)
+    return plan, TransferStats(bytes_read, seconds)
 
 
-def _every_rank(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress):
+def _every_rank(model, ckpt, rank, world, open_fn, plan_kwargs, bucket_mb, show_progress, start):
     opened = None
     own = False
     try:
         error = None
-        sig = None
+        sent = None
         try:
             if ckpt is None:
                 raise ValueError("strategy='every-rank' needs the checkpoint on every rank")
             opened, own, plan, nonpersistent = _open_and_plan(model, ckpt, open_fn, plan_kwargs, rank == 0)
-            sig = _signature(plan, {n: (tuple(b.shape), b.dtype) for n, b in nonpersistent.items()})
+            sig = _signature(plan, _shapes(nonpersistent))
+            sent = (plan, _shapes(nonpersistent)) if rank == 0 else None
         except Exception as e:  # noqa: BLE001 - every failure must reach every rank
             error = _portable(e)
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (error, sig if rank == 0 else None))
+        dist.all_gather_object(gathered, (error, sent))
         failed = [(r, g[0]) for r, g in enumerate(gathered) if g[0] is not None]
         if failed:
             r, exc = failed[0]
             if r == rank:
                 raise error
             _raise_remote(exc, r)
-        ref = gathered[0][1]
-        diff = _diff(ref, sig) if rank != 0 else []
-        _agree("; ".join(diff) if diff else None, rank, world, "the model (or its plan)")
+        ref_plan, ref_np = gathered[0][1]
+        stream = None
+        problem = None
+        try:
+            tensors = {k: t for k, (t, _) in model_tensors(model).items()}
+            tensors.update(nonpersistent)
+            items = _items(plan, [], tensors, list(nonpersistent), with_ckpt=False)
+            stream = _Stream(model, plan, items, int(bucket_mb * 2**20), rank, opened, show_progress)
+            stream.prepare()
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            problem = f"{type(e).__name__}: {e}"
+        diff = _diff(_signature(ref_plan, ref_np), sig) if rank != 0 else []
+        _agree("; ".join(diff) if diff else problem, rank, world, "the model (or its plan)")
 
-        stats = load_into(model, plan, opened, show_progress=show_progress)
-        tensors = {k: t for k, (t, _) in model_tensors(model).items()}
-        tensors.update(nonpersistent)
-        items = _items(plan, [], tensors, list(nonpersistent), with_ckpt=False)
-        stream = _Stream(model, plan, items, int(bucket_mb * 2**20), rank, opened, show_progress)
+        # Each rank reads its own copy; then rank 0's values of everything else are sent.
+        local = None
+        figures = None
+        try:
+            stats = load_into(model, plan, opened, show_progress=show_progress)
+            figures = (stats.bytes_read, time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - the stream below must still run on every rank
+            local = e
         with torch.no_grad():
-            stream.run()
-        box = [(stats.bytes_read, stats.seconds)]
-        dist.broadcast_object_list(box, src=0)
+            local = stream.run() or local
+        bytes_read, seconds = _finish(local, figures if rank == 0 else None, rank, world)
     finally:
         if own and opened is not None:
             opened.close()
-    return plan if rank == 0 else _same_plan(plan, box), TransferStats(box[0][0], box[0][1])
-
-
-def _same_plan(plan: LoadPlan, box) -> LoadPlan:
-    return plan
+    return ref_plan, TransferStats(bytes_read, seconds)

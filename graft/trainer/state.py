@@ -14,10 +14,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import Sampler
 
-# Keys of train_state.json (named once, read in one place).
-EPOCH, STEP, BATCH, WORLD = "epoch", "step", "batch_in_epoch", "world_size"
-
-
 @dataclass
 class TrainState:
     """Counters of a run; `epoch` counts completed epochs, `batch_in_epoch` the batches of the next one."""

@@ -11,12 +11,16 @@ import os
 from pathlib import Path
 
 from graft.errors import CheckpointError
+from graft.loading.formats.accelerate_folder import AccelerateFolder
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.dcp import DCPFolder
+from graft.loading.formats.deepspeed_folder import DeepSpeedFolder
+from graft.loading.formats.graft_run import GraftRun
 from graft.loading.formats.hf_index import HFIndex
 from graft.loading.formats.safetensors_file import SafetensorsFile
 from graft.loading.formats.torch_file import TorchFile
 
-READERS: list[type[Checkpoint]] = [HFIndex, SafetensorsFile, TorchFile]
+READERS: list[type[Checkpoint]] = [GraftRun, DeepSpeedFolder, DCPFolder, AccelerateFolder, HFIndex, SafetensorsFile, TorchFile]
 
 __all__ = ["Checkpoint", "OpenOptions", "Span", "TensorMeta", "READERS", "open_checkpoint"]
 

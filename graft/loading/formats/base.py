@@ -201,34 +201,140 @@ def read_spans(
 ) -> int:
     """pread each span of one file into its tensor; returns the bytes read.
 
-    The kernel is told the access is random (no speculative read-ahead) and then exactly
-    which ranges will be needed (WILLNEED starts them asynchronously), so the bytes read
-    from storage are the bytes kept, and the I/O of the next range overlaps the copy of
-    this one.
+    Two ways, chosen from the layout of the spans:
+
+    - dense (the spans cover the file but for small gaps: a full load): the kernel is
+      told the access is sequential (it doubles its read-ahead window), and two readers,
+      each with its own descriptor and so its own read-ahead stream, read the first and
+      the second half of the bytes. Measured here, cold, 3x faster than one reader with
+      the same hint, and 3-4x faster than no hint or explicit WILLNEED ranges; warm, the
+      same as one reader.
+    - sparse (large holes: a filtered load): sequential read-ahead would run on past the
+      end of every kept range (two windows, ~30 MB here) into bytes nobody wants. The
+      access is declared random (no speculative read-ahead), and a helper thread tells
+      the kernel exactly which ranges are coming (WILLNEED, in pieces small enough that
+      the kernel does not cap them), ahead of the reader, so the bytes read from storage
+      are the bytes kept and the I/O of the next range overlaps the copy of this one.
     """
-    total = 0
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            for span, _ in items:
-                os.posix_fadvise(fd, span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
-        for span, out in items:
-            view = writable_buffer(out)
+    import threading
+
+    # Read-ahead may run this far past the end of a range (two 16 MB windows: the
+    # sequential window with the common 8 MB read_ahead_kb); gaps up to `small_gap` are
+    # read through rather than skipped.
+    runaway, small_gap, hint_piece = 32 << 20, 1 << 20, 4 << 20
+    items = sorted(items, key=lambda item: item[0].offset)
+    lock = threading.Lock()
+
+    def report(n: int) -> None:
+        if on_bytes:
+            with lock:
+                on_bytes(n)
+
+    # (file offset, destination view) pieces of at most _READ_CHUNK, in file order.
+    pieces = []
+    for span, out in items:
+        view = writable_buffer(out)
+        for start in range(0, span.nbytes, _READ_CHUNK):
+            pieces.append((span.offset + start, view[start : min(span.nbytes, start + _READ_CHUNK)], span))
+    wanted = sum(len(view) for _, view, _ in pieces)
+
+    def read(fd: int, todo) -> int:
+        got = 0
+        for offset, view, span in todo:
             done = 0
-            while done < span.nbytes:
-                n = os.preadv(fd, [view[done : done + _READ_CHUNK]], span.offset + done)
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
                     raise CheckpointError(
                         file,
-                        f"unexpected end of file at byte {span.offset + done}"
+                        f"unexpected end of file at byte {offset + done}"
                         f" (needed {span.offset + span.nbytes})",
                         "the file is truncated; copy it again",
                     )
                 done += n
-                if on_bytes:
-                    on_bytes(n)
-            total += done
+                report(n)
+            got += done
+        return got
+
+    advise = hasattr(os, "posix_fadvise")
+    dense = True
+    if advise and items:
+        size = os.stat(file).st_size
+        # Bytes the sequential way would read for nothing: the gaps between kept ranges,
+        # and a read-ahead runaway after each range that a large hole follows.
+        waste, end = 0, None
+        for span, _ in items:
+            if end is not None and span.offset > end:
+                gap = span.offset - end
+                waste += gap if gap <= small_gap else min(gap, runaway)
+            end = max(end or 0, span.offset + span.nbytes)
+        waste += min(size - end, runaway) if size - end > small_gap else 0
+        dense = waste <= 0.03 * wanted
+
+    def open_fd(advice) -> int:
+        fd = os.open(file, os.O_RDONLY)
+        if advise:
+            os.posix_fadvise(fd, 0, 0, advice)
+        return fd
+
+    if not dense:
+        fd = open_fd(os.POSIX_FADV_RANDOM)
+        stop = threading.Event()
+
+        def hint():
+            for span, _ in items:
+                done = 0
+                while done < span.nbytes and not stop.is_set():
+                    n = min(hint_piece, span.nbytes - done)
+                    os.posix_fadvise(fd, span.offset + done, n, os.POSIX_FADV_WILLNEED)
+                    done += n
+
+        hinter = threading.Thread(target=hint, name="graft-willneed", daemon=True)
+        hinter.start()
+        try:
+            return read(fd, pieces)
+        finally:
+            stop.set()
+            hinter.join()
+            os.close(fd)
+
+    sequential = os.POSIX_FADV_SEQUENTIAL if advise else None
+    if wanted < 2 * _READ_CHUNK or len(pieces) < 2:
+        fd = open_fd(sequential)
+        try:
+            return read(fd, pieces)
+        finally:
+            os.close(fd)
+    # Two readers, each its own descriptor (its own read-ahead state), half the bytes each.
+    acc, cut = 0, len(pieces) - 1
+    for i, (_, view, _) in enumerate(pieces):
+        acc += len(view)
+        if 2 * acc >= wanted:
+            cut = i + 1
+            break
+    cut = min(max(cut, 1), len(pieces) - 1)
+    result: dict[str, object] = {}
+
+    def second():
+        try:
+            fd2 = open_fd(sequential)
+            try:
+                result["got"] = read(fd2, pieces[cut:])
+            finally:
+                os.close(fd2)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+
+    helper = threading.Thread(target=second, name="graft-reader", daemon=True)
+    helper.start()
+    try:
+        fd = open_fd(sequential)
+        try:
+            got = read(fd, pieces[:cut])
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
-    return total
+        helper.join()
+    if "error" in result:
+        raise result["error"]
+    return got + result["got"]

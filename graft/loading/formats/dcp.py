@@ -72,6 +72,10 @@ def read_metadata(folder: Path, trust_pickle: bool = False):
     from torch.distributed.checkpoint.metadata import Metadata
 
     path = folder / METADATA
+    if not path.is_file():
+        raise CheckpointError(folder, "has no .metadata file, so it is no complete DCP checkpoint",
+                              "point at the folder dcp.save wrote (.metadata beside *.distcp files);"
+                              " a save that stopped early never writes .metadata")
     try:
         with open(path, "rb") as f:
             md = pickle.load(f) if trust_pickle else _MetadataUnpickler(f).load()
@@ -229,7 +233,9 @@ class DCPFolder(Checkpoint):
             "files": len(files),
             "missing_files": [Path(f).name for f in files if not os.path.exists(f)] or None,
             "dcp_version": getattr(self.metadata, "version", None),
-            "not_model": {g: v["tensors"] + v["other"] for g, v in other.items()} or None,
+            # A string, so `graft inspect` prints it: what the folder holds beside the model.
+            "not_model": ", ".join(f"{g} ({v['tensors']} tensors, {v['other']} other)"
+                                   for g, v in other.items()) or None,
         }
 
     def step(self) -> int | None:
@@ -243,7 +249,7 @@ class DCPFolder(Checkpoint):
                         not md.properties.dtype.is_floating_point:
                     try:
                         self._step = int(self._read_fqn(fqn, md))
-                    except CheckpointError:
+                    except (CheckpointError, OSError):
                         pass  # a missing file is reported by missing_files, and on load
                     break
             if self._step is None and (m := _STEP_IN_NAME.search(self.path.name)):

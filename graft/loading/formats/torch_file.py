@@ -99,10 +99,15 @@ def stand_in(qualified_name: str) -> type:
     """An inert class that takes the place of a pickled global: state is kept, no code runs."""
     module, _, name = qualified_name.rpartition(".")
 
+    def __init__(self, *args, **kwargs):
+        # Globals pickled as calls (enums, namedtuples) arrive with their arguments.
+        self.__dict__["_args"] = args
+        self.__dict__["_kwargs"] = kwargs
+
     def __setstate__(self, state):
         self.__dict__["_state"] = state
 
-    return type(name, (), {"__module__": module, "__setstate__": __setstate__,
+    return type(name, (), {"__module__": module, "__init__": __init__, "__setstate__": __setstate__,
                            "__reduce__": object.__reduce__})
 
 
@@ -131,7 +136,7 @@ def safe_load(path: Path, *, map_location, mmap: bool, allow_globals=(), trust_p
             f"save only the state dict; or pass allow_globals=[{name!r}] to rebuild it as an"
             " inert stand-in; or, for a file you trust completely, trust_pickle=True",
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError) as e:
         raise CheckpointError(
             path, f"is corrupt or truncated ({str(e).splitlines()[0]})",
             "the file was cut short or damaged; write or copy it again",

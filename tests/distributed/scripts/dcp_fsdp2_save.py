@@ -6,6 +6,8 @@ OUT/top/     model keys at the top level beside optimizer, lr_scheduler, train_s
 OUT/nested/  the model nested under "model", the optimizer under "optimizer"
 OUT/single/  one process, no process group, the full state dict (one chunk per tensor)
 OUT/final.safetensors  the full final weights, written by rank 0, for comparison
+OUT/rank1_loaded.safetensors  a changed model loaded from OUT/nested with graft.load on
+             both ranks (rank 0 reads, broadcasts), as rank 1 got it
 """
 
 import sys
@@ -51,5 +53,23 @@ if rank == 0:
     full = {k: v.contiguous() for k, v in full.items()}
     save_file(full, out / "final.safetensors")
     dcp.save(full, checkpoint_id=out / "single", no_dist=True)
+dist.barrier()
+
+# The reader under a live process group: graft.load on every rank, rank 0 reads the DCP
+# folder and sends the tensors. Rank 1 writes what it got; a failure is written, not
+# raised, so the tests of the saved folders above still run.
+import traceback  # noqa: E402
+
+import graft  # noqa: E402
+from graft.models import tiny_vgg_rnn3  # noqa: E402
+
+try:
+    changed = tiny_vgg_rnn3(num_classes=7)
+    report = graft.load(changed, out / "nested", freeze="loaded", verbose=False, progress=False)
+    if rank == 1:
+        save_file({k: v.contiguous() for k, v in changed.state_dict().items()}, out / "rank1_loaded.safetensors")
+        (out / "rank1_report.txt").write_text(" ".join(sorted(report.new)))
+except Exception:  # noqa: BLE001
+    (out / f"rank{rank}_load_error.txt").write_text(traceback.format_exc())
 dist.barrier()
 dist.destroy_process_group()

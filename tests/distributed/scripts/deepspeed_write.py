@@ -1,8 +1,8 @@
 """Write real DeepSpeed ZeRO checkpoints (2 processes, CPU, gloo) for the reader's tests.
 
-Run under torchrun: `torchrun --nproc_per_node 2 deepspeed_write.py OUT 1 2 3`. For each
-stage it trains a tiny VGG with part of the model FROZEN before `deepspeed.initialize`
-(only trainable parameters go to the optimizer), saves with `save_checkpoint` into
+Run under torchrun: `torchrun --nproc_per_node 2 deepspeed_write.py OUT 0 1 2 3`. For
+each ZeRO stage (0: ZeRO off) it trains a tiny VGG with part of the model FROZEN before
+`deepspeed.initialize` (only trainable parameters go to the optimizer), saves with `save_checkpoint` into
 OUT/stage{N}, and writes OUT/stage{N}/expected.pt: the full weights as the writer holds
 them after training (rank 0's module; at stage 3 gathered with GatheredParameters), the
 ground truth the reader is compared with. All stages run in one launch so the DeepSpeed
@@ -11,6 +11,7 @@ start-up cost is paid once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def write(stage: int, out: Path) -> None:
     model = build()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Two parameter groups (decay on matrices and kernels only, the usual recipe): the
+    # partitions then hold several flat groups, as real runs do.
+    groups = [{"params": [p for p in trainable if p.dim() > 1], "weight_decay": 0.01},
+              {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0}]
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": 1,
@@ -51,7 +56,7 @@ def write(stage: int, out: Path) -> None:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     gen = torch.Generator().manual_seed(100 + dist.get_rank())
     for _ in range(STEPS):
@@ -66,7 +71,7 @@ def write(stage: int, out: Path) -> None:
     module = engine.module
     params = list(module.parameters())
     # At stage 3 every rank holds a slice; gathering is a collective, so all ranks enter.
-    gather = deepspeed.zero.GatheredParameters(params) if stage == 3 else _nothing()
+    gather = deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext()
     with gather:
         if dist.get_rank() == 0:
             expected = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -80,17 +85,9 @@ def write(stage: int, out: Path) -> None:
     engine.destroy()
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main() -> None:
     out = Path(sys.argv[1])
-    stages = [int(s) for s in sys.argv[2:]] or [1, 2, 3]
+    stages = [int(s) for s in sys.argv[2:]] or [0, 1, 2, 3]
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in stages:
         write(stage, out)

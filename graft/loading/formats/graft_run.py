@@ -1,0 +1,164 @@
+"""graft's own run checkpoints: a checkpoint folder, or a run folder (its newest complete checkpoint).
+
+    RUN_DIR/checkpoints/epoch_000005/            one checkpoint (5 epochs done)
+    RUN_DIR/checkpoints/epoch_000005_step_000123/  mid-epoch (preemption), global step 123
+        model.safetensors   full weights (unwrapped names)
+        manifest.json       written last: each file's size and sha256; its presence marks
+                            the checkpoint complete
+
+The layout helpers live here, beside the reader, so the trainer (which writes these
+folders) and `graft.open` (which reads them) agree on one definition of "complete".
+Opening checks sizes only; the trainer's resume also checks every hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from graft.errors import CheckpointError
+from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.safetensors_file import SafetensorsFile
+
+MANIFEST = "manifest.json"
+MODEL = "model.safetensors"
+CHECKPOINTS = "checkpoints"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+MANIFEST_FORMAT = "graft-run-checkpoint"
+NAME = re.compile(r"^epoch_(\d{6,})(?:_step_(\d{6,}))?$")
+
+
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """epoch_000005 (epoch boundary) or epoch_000005_step_000123 (mid-epoch, global step)."""
+    return f"epoch_{epoch:06d}" if step is None else f"epoch_{epoch:06d}_step_{step:06d}"
+
+
+def sort_key(name: str) -> tuple[int, int, int]:
+    """Oldest first: epoch_5 < epoch_5_step_N (inside epoch 6) < epoch_6."""
+    m = NAME.match(name)
+    assert m, name
+    return int(m.group(1)), m.group(2) is not None, int(m.group(2) or 0)
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders of a run (complete or not), newest first; temp folders excluded."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)]
+    return sorted(found, key=lambda p: sort_key(p.name), reverse=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(folder, "has no manifest.json: the save did not finish",
+                              "use an older checkpoint (--resume auto skips this one)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(folder, f"manifest.json is not valid JSON ({e})",
+                              "the checkpoint is corrupt; use an older one") from e
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(folder, "manifest.json is not a graft run-checkpoint manifest",
+                              "point at a folder written by graft's trainer")
+    return manifest
+
+
+def problem(folder: str | Path, hashes: bool = True) -> str | None:
+    """Why `folder` is not a complete checkpoint (None when it is): manifest, then sizes, then hashes."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError as e:
+        return e.problem
+    for rel, want in manifest["files"].items():
+        f = folder / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the manifest says {want['size']}"
+    if MODEL not in manifest["files"]:
+        return f"the manifest lists no {MODEL}"
+    if hashes:
+        for rel, want in manifest["files"].items():
+            if sha256_file(folder / rel) != want["sha256"]:
+                return f"{rel} does not match its sha256 in the manifest (corrupt)"
+    return None
+
+
+def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest complete checkpoint or None, [(skipped newer folder, why)])."""
+    skipped = []
+    for folder in candidates(run_dir):
+        why = problem(folder, hashes=hashes)
+        if why is None:
+            return folder, skipped
+        skipped.append((folder, why))
+    return None, skipped
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file() and (path / MODEL).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CHECKPOINTS).is_dir()
+
+
+def resolve(path: str | Path, hashes: bool = False) -> Path:
+    """The checkpoint folder `path` names: itself, or a run folder's newest complete checkpoint."""
+    path = Path(path)
+    if is_run_dir(path) and not (path / MANIFEST).exists():
+        folder, skipped = newest_complete(path, hashes=hashes)
+        if folder is None:
+            detail = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "no checkpoint folders"
+            raise CheckpointError(path, f"holds no complete run checkpoint ({detail})",
+                                  "train until a checkpoint is saved, or point at a checkpoint file")
+        return folder
+    why = problem(path, hashes=hashes)
+    if why is not None:
+        raise CheckpointError(path, f"is not a complete run checkpoint: {why}",
+                              "use an older checkpoint of the run, or the run folder (its newest complete one)")
+    return path
+
+
+class GraftRun(Checkpoint):
+    format = "graft"
+    describes = "a graft run checkpoint folder (manifest.json + model.safetensors) or a run folder"
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        return is_checkpoint_dir(path) or (is_run_dir(path) and bool(candidates(path)))
+
+    def __init__(self, path, options: OpenOptions):
+        super().__init__(path, options)
+        self.folder = resolve(self.path)
+        self.manifest = read_manifest(self.folder)
+        self._weights = SafetensorsFile(self.folder / MODEL, options)
+        self.source = str(self.folder.relative_to(self.path)) if self.folder != self.path else MODEL
+
+    def keys(self) -> list[str]:
+        return self._weights.keys()
+
+    def meta(self, key: str) -> TensorMeta:
+        return self._weights.meta(key)
+
+    def span(self, key: str) -> Span:
+        return self._weights.span(key)
+
+    def info(self) -> dict:
+        return {**super().info(), "checkpoint": str(self.folder), "epoch": self.manifest.get("epoch"),
+                "step": self.manifest.get("step")}

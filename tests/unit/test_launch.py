@@ -1,0 +1,359 @@
+"""The launch command builder (every strategy, CPU and GPU, multi-node) and `graft train/resume --dry-run`."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from graft.launch import train_cmd
+from graft.launch.cli import main as graft_main
+from graft.launch.commands import Command, LaunchOptions, build_command
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "tests/unit/test_launch.py"  # any existing file stands in for train.py (the tests run in REPO)
+
+
+def opts(**kw) -> LaunchOptions:
+    kw.setdefault("script", SCRIPT)
+    kw.setdefault("device", "cpu")
+    return LaunchOptions(**kw)
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value following `name` in argv."""
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+# ------------------------------------------------------------------------------- single node
+
+def test_single_process_uses_plain_accelerate_config():
+    cmd = build_command(opts(nproc=1), ["--config", "c.yaml"])
+    assert Path(cmd.argv[0]).name == "accelerate" and cmd.argv[1] == "launch"
+    assert flag(cmd.argv, "--config_file") == "configs/accelerate/single.yaml"
+    assert "--multi_gpu" not in cmd.argv  # accelerate refuses --multi_gpu with one process
+    assert flag(cmd.argv, "--num_processes") == "1"
+    assert cmd.argv[-3:] == [SCRIPT, "--config", "c.yaml"]
+
+
+def test_ddp_cpu_is_the_recipe_that_works_on_cpu():
+    cmd = build_command(opts(nproc=2, main_port=12345), ["a.b=1"])
+    a = cmd.argv
+    assert flag(a, "--config_file") == "configs/accelerate/ddp.yaml"
+    assert "--multi_gpu" in a and "--cpu" not in a  # --cpu silently runs ONE process (it wants mpirun)
+    assert flag(a, "--num_processes") == "2" and flag(a, "--num_machines") == "1"
+    assert flag(a, "--mixed_precision") == "no" and flag(a, "--dynamo_backend") == "no"
+    assert flag(a, "--main_process_port") == "12345"
+    assert cmd.env["ACCELERATE_USE_CPU"] == "true"  # else each process sees a world of 1
+    assert cmd.env["GRAFT_DEVICE"] == "cpu" and cmd.env["GRAFT_STRATEGY"] == "ddp"
+    assert a[-2:] == [SCRIPT, "a.b=1"]
+
+
+def test_ddp_gpu_has_no_cpu_switch():
+    cmd = build_command(opts(nproc=8, device="gpu", mixed_precision="bf16"))
+    assert "ACCELERATE_USE_CPU" not in cmd.env
+    assert "--multi_gpu" in cmd.argv and flag(cmd.argv, "--mixed_precision") == "bf16"
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed(stage):
+    cmd = build_command(opts(nproc=2, strategy=stage))
+    a = cmd.argv
+    assert "--use_deepspeed" in a and "--multi_gpu" not in a  # accelerate allows only one of them
+    assert flag(a, "--config_file") == "configs/accelerate/deepspeed.yaml"
+    assert flag(a, "--deepspeed_config_file") == f"configs/deepspeed/{stage}.json"
+    # accelerate turns DeepSpeed off when ACCELERATE_USE_CPU is set
+    assert "ACCELERATE_USE_CPU" not in cmd.env and cmd.env["DS_ACCELERATOR"] == "cpu"
+    assert "--deepspeed_multinode_launcher" not in a
+
+
+def test_deepspeed_custom_json_and_single_process(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    cmd = build_command(opts(nproc=1, strategy="zero2", deepspeed_config=str(ds)))
+    assert flag(cmd.argv, "--deepspeed_config_file") == str(ds)
+    assert "--use_deepspeed" in cmd.argv  # one rank still gets the engine
+
+
+def test_fsdp_on_cpu_is_torchrun():
+    cmd = build_command(opts(nproc=2, strategy="fsdp", main_port=2222), ["x=1"])
+    a = cmd.argv
+    assert Path(a[0]).name == "torchrun"
+    assert flag(a, "--nproc_per_node") == "2" and flag(a, "--nnodes") == "1"
+    assert flag(a, "--master_addr") == "127.0.0.1" and flag(a, "--master_port") == "2222"
+    assert a[-2:] == [SCRIPT, "x=1"]
+    assert any("fully_shard" in n for n in cmd.notes)
+
+
+def test_fsdp_on_gpu_is_accelerate_fsdp2():
+    cmd = build_command(opts(nproc=4, strategy="fsdp", device="gpu"))
+    a = cmd.argv
+    assert a[1] == "launch" and "--use_fsdp" in a and flag(a, "--fsdp_version") == "2"
+    assert flag(a, "--config_file") == "configs/accelerate/fsdp2.yaml"
+
+
+def test_accelerate_config_override(tmp_path):
+    y = tmp_path / "mine.yaml"
+    y.write_text("compute_environment: LOCAL_MACHINE\n")
+    cmd = build_command(opts(nproc=2, accelerate_config=str(y)))
+    assert flag(cmd.argv, "--config_file") == str(y)
+
+
+def test_launcher_configs_are_valid():
+    import json
+
+    import yaml
+
+    for name in ("single", "ddp", "fsdp2", "deepspeed"):
+        cfg = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
+        assert cfg["compute_environment"] == "LOCAL_MACHINE"
+    assert yaml.safe_load((REPO / "configs/accelerate/fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
+    for stage in (2, 3):
+        ds = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+
+
+# ------------------------------------------------------------------------------- multi-node
+
+def test_multinode_ddp_args():
+    cmd = build_command(opts(nproc=4, nodes=3, node_rank=2, main_address="10.1.2.3", main_port=29600,
+                             device="gpu"))
+    a = cmd.argv
+    assert flag(a, "--num_processes") == "12"  # accelerate counts processes over ALL machines
+    assert flag(a, "--num_machines") == "3" and flag(a, "--machine_rank") == "2"
+    assert flag(a, "--main_process_ip") == "10.1.2.3" and flag(a, "--main_process_port") == "29600"
+
+
+def test_multinode_deepspeed_uses_one_launcher_per_node():
+    cmd = build_command(opts(nproc=2, strategy="zero3", nodes=2, node_rank=1, main_address="n0"))
+    assert flag(cmd.argv, "--deepspeed_multinode_launcher") == "standard"  # not pdsh over ssh
+
+
+def test_multinode_fsdp_cpu_torchrun():
+    cmd = build_command(opts(nproc=2, strategy="fsdp", nodes=2, node_rank=1, main_address="n0", main_port=4000))
+    a = cmd.argv
+    assert flag(a, "--nnodes") == "2" and flag(a, "--node_rank") == "1"
+    assert flag(a, "--master_addr") == "n0" and flag(a, "--master_port") == "4000"
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(nodes=2), "main_address"),
+    (dict(nodes=2, node_rank=2, main_address="a"), "node_rank"),
+    (dict(strategy="horovod"), "strategy"),
+    (dict(nproc=0), "nproc"),
+    (dict(device="tpu"), "device"),
+    (dict(deepspeed_config="x.json"), "zero2 or zero3"),
+    (dict(main_port=70000), "port"),
+])
+def test_bad_options_say_what(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        opts(**kw)
+
+
+def test_missing_script_says_where():
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        build_command(LaunchOptions(script="nope.py", device="cpu"))
+
+
+# ------------------------------------------------------------------------------- printing
+
+def test_shell_line_round_trips():
+    cmd = Command(["accelerate", "launch", "train.py", "init.rename=[['^a', 'b c']]"], {"A": "1 2"})
+    line = cmd.shell()
+    assert line.startswith("A='1 2' accelerate launch")
+    assert shlex.split(line)[1:] == cmd.argv
+
+
+def test_execute_prints_then_runs_and_forwards_exit_code(capfd):
+    cmd = Command([sys.executable, "-c", "import os, sys; print('child', os.environ['X']); sys.exit(3)"],
+                  {"X": "ok"}, notes=["why"])
+    assert train_cmd.execute(cmd) == 3
+    out = capfd.readouterr().out
+    assert out.index("# why") < out.index("$ X=ok ") < out.index("child ok")
+
+
+def test_execute_reports_death_by_signal_as_128_plus_n():
+    cmd = Command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert train_cmd.execute(cmd) == 128 + 9
+
+
+def test_execute_dry_run_runs_nothing(capsys, tmp_path):
+    marker = tmp_path / "ran"
+    cmd = Command([sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    assert train_cmd.execute(cmd, dry_run=True) == 0
+    assert not marker.exists()
+    assert "$ " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def run_config(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"train:\n  epochs: 2\n  out_dir: {tmp_path / 'run'}\n")
+    return cfg
+
+
+def _dry(capsys, *argv) -> tuple[int, list[str], str]:
+    rc = graft_main(list(argv))
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("$ "))
+    return rc, shlex.split(line[2:]), out
+
+
+needs_train_py = pytest.mark.skipif(not (REPO / "train.py").exists(), reason="train.py not written yet")
+
+
+@needs_train_py
+def test_graft_train_dry_run(capsys, run_config):
+    rc, argv, out = _dry(capsys, "train", "--config", str(run_config), "--nproc", "2", "--device", "cpu",
+                         "--main-port", "29999", "--dry-run", "train.epochs=4")
+    assert rc == 0
+    assert "ACCELERATE_USE_CPU=true" in argv and "--multi_gpu" in argv
+    i = argv.index("train.py")
+    assert argv[i:] == ["train.py", "--config", str(run_config), "train.epochs=4"]
+    assert f"run folder: {run_config.parent / 'run'}" in out
+
+
+@needs_train_py
+def test_graft_train_fsdp_tells_the_trainer(capsys, run_config):
+    rc, argv, _ = _dry(capsys, "train", "--config", str(run_config), "--nproc", "2", "--strategy", "fsdp",
+                       "--device", "cpu", "--dry-run")
+    assert Path(argv[argv.index("GRAFT_DEVICE=cpu") + 1]).name == "torchrun"
+    assert argv[-1] == "train.strategy=fsdp2"
+
+
+@needs_train_py
+def test_graft_train_rejects_bad_config_before_launching(capsys, run_config):
+    with pytest.raises(SystemExit, match="unknown config key"):
+        graft_main(["train", "--config", str(run_config), "--dry-run", "--device", "cpu", "nope.x=1"])
+    with pytest.raises(SystemExit, match="not a config override"):
+        graft_main(["train", "--config", str(run_config), "--dry-run", "--device", "cpu", "epochs"])
+
+
+@needs_train_py
+def test_graft_resume_dry_run_reads_the_run_folder(capsys, tmp_path, run_config):
+    from graft.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(load_config(run_config).to_yaml())
+    # overrides may sit between the options (intermixed parsing)
+    rc, argv, out = _dry(capsys, "resume", str(run_dir), "--epochs", "4", "train.log_every=1", "--policy", "restart",
+                         "--nproc", "1", "--device", "cpu", "--dry-run")
+    assert rc == 0
+    tail = argv[argv.index("train.py"):]
+    assert tail[:5] == ["train.py", "--config", str(run_dir / "config.yaml"), "--resume", "auto"]
+    assert {f"train.out_dir={run_dir}", "train.epochs=4", "schedule.on_extend=restart", "train.log_every=1"} <= set(tail)
+    assert "to 4 epochs (restart)" in out
+
+
+def test_graft_resume_needs_a_run_folder(tmp_path):
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        graft_main(["resume", str(tmp_path), "--dry-run"])
+
+
+def _fake_checkpoint(run_dir: Path, name: str, train_state: dict) -> None:
+    """A folder that passes the completeness check (manifest with sizes) without any training."""
+    import json
+
+    folder = run_dir / "checkpoints" / name
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x")
+    (folder / "train_state.json").write_text(json.dumps(train_state))
+    files = {p.name: {"size": p.stat().st_size, "sha256": ""} for p in folder.iterdir()}
+    (folder / "manifest.json").write_text(json.dumps({"format": "graft-run-checkpoint", "version": 1,
+                                                      "files": files}))
+
+
+@needs_train_py
+@pytest.mark.parametrize("saved, expect", [
+    ({"world_size": 2, "strategy": "deepspeed", "zero_stage": 3}, ("zero3", "2")),
+    ({"world_size": 4, "strategy": "ddp", "zero_stage": 0}, ("ddp", "4")),
+])
+def test_graft_resume_defaults_to_the_saved_launch(capsys, tmp_path, run_config, saved, expect):
+    from graft.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(load_config(run_config).to_yaml())
+    _fake_checkpoint(run_dir, "epoch_000002", {"epoch": 2, "step": 8, **saved})
+    rc, argv, out = _dry(capsys, "resume", str(run_dir), "--device", "cpu", "--dry-run")
+    assert rc == 0 and "from the checkpoint epoch_000002" in out
+    strategy, n = expect
+    assert argv[argv.index("--num_processes") + 1] == n
+    if strategy == "zero3":
+        assert argv[argv.index("--deepspeed_config_file") + 1] == "configs/deepspeed/zero3.json"
+    # explicit options win
+    rc, argv, _ = _dry(capsys, "resume", str(run_dir), "--device", "cpu", "--dry-run", "--nproc", "1",
+                       "--strategy", "ddp")
+    assert argv[argv.index("--num_processes") + 1] == "1" and "--use_deepspeed" not in argv
+
+
+# ------------------------------------------------------------------------------- signals
+
+_CHILD = r'''
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+if len(sys.argv) > 2:
+    # The "launcher": starts the "trainer" in its own process group and dies on SIGTERM at
+    # once (like a single-process `accelerate launch`), leaving the trainer to finish.
+    subprocess.Popen([sys.executable, __file__, out])
+    time.sleep(60)
+    sys.exit(0)
+def handler(signum, frame):
+    time.sleep(0.5)  # "writing the preemption checkpoint"
+    open(out + ".got", "w").write(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, handler)
+open(out + ".ready", "w").close()
+time.sleep(60)
+'''
+
+
+def _signal_when_ready(ready: Path, sig: int):
+    import os
+    import threading
+    import time
+
+    def go():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("sig, launcher", [("SIGTERM", False), ("SIGUSR1", False), ("SIGTERM", True)])
+def test_signals_reach_the_trainer(tmp_path, sig, launcher):
+    """SIGTERM and Slurm's SIGUSR1 reach the training process as SIGTERM, and `execute` waits
+    for it to finish its checkpoint even when the launcher in between dies first."""
+    import signal
+
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    out = tmp_path / "trainer"
+    argv = [sys.executable, str(script), str(out)] + (["launcher"] if launcher else [])
+    t = _signal_when_ready(Path(str(out) + ".ready"), getattr(signal, sig))
+    rc = train_cmd.execute(Command(argv), drain_timeout=30)
+    t.join()
+    assert Path(str(out) + ".got").read_text() == "SIGTERM"
+    assert rc == (0 if not launcher else 128 + signal.SIGTERM)
+
+
+def test_port_defaults():
+    one = build_command(opts(nproc=2))
+    assert int(flag(one.argv, "--main_process_port")) > 0  # a free one, not a fixed 29500 that may clash
+    many = build_command(opts(nproc=2, nodes=2, node_rank=1, main_address="n0"))
+    assert flag(many.argv, "--main_process_port") == "29500"  # every node must compute the same
