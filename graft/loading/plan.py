@@ -10,6 +10,7 @@ modules (`model.`) add on either side, chosen to match the most keys, and report
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -46,10 +47,7 @@ class Entry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def cast(self) -> bool:

@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 import launch
+from checks import assert_changed_model_loads, changed_model
 from launch import BIN, REPO, free_port, run
 from safetensors.torch import load_file
 
 import graft
 from graft.launch.cli import main as graft_cli
-from graft.models import tiny_vgg_rnn3
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
 SCRIPT = REPO / "tests/distributed/scripts/accelerate_save.py"
@@ -29,19 +29,6 @@ def written(tmp_path_factory):
     return out
 
 
-def check_changed_model_load(folder, final: dict[str, torch.Tensor], **open_options):
-    torch.manual_seed(123)
-    model = tiny_vgg_rnn3(num_classes=7)  # the writer's model, plus rnn3, with 7 classes not 5
-    report = graft.load(model, folder, freeze="loaded", verbose=False, **open_options)
-    state = model.state_dict()
-    assert sorted(report.loaded) == sorted(k for k in final if not k.startswith("classifier.6."))
-    for key in report.loaded:
-        assert torch.equal(state[key], final[key]), key
-    assert sorted(report.new) == ["rnn3.0.bias", "rnn3.0.weight"]
-    assert sorted(report.mismatched) == ["classifier.6.bias", "classifier.6.weight"]
-    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == sorted(report.new + report.mismatched)
-    assert report.bytes_read == sum(final[k].nbytes for k in report.loaded)
-    return report
 
 
 @pytest.mark.parametrize("folder", ["state", "state_bin"])
@@ -56,7 +43,7 @@ def test_save_state_picks_each_model(written, folder):
             info = ckpt.info()
             assert info["models"] == 2 and info["weights"] == weights[index] and info["world_size"] == 2
             assert info["written_by"] == "save_state"
-        report = check_changed_model_load(written / folder, final, model_index=index)
+        report = assert_changed_model_loads(written / folder, final, model_index=index)
         assert report.plan.source.startswith(weights[index])
     with pytest.raises(graft.CheckpointError, match="holds 2 model"):
         graft.open(written / folder, model_index=2)
@@ -67,12 +54,12 @@ def test_save_model_sharded_and_single(written):
     # Shards + index are the Hugging Face layout: the HF index reader opens them.
     with graft.open(written / "model_sharded") as ckpt:
         assert ckpt.format == "hf-index" and ckpt.info()["shards"] > 1
-    check_changed_model_load(written / "model_sharded", final_a)
+    assert_changed_model_loads(written / "model_sharded", final_a)
     with graft.open(written / "model_single") as ckpt:
         info = ckpt.info()
         assert ckpt.format == "accelerate" and info["written_by"] == "save_model"
         assert info["weights"] == "model.safetensors" and info["models"] == 1
-    check_changed_model_load(written / "model_single", final_b)
+    assert_changed_model_loads(written / "model_single", final_b)
 
 
 def test_inspect_shows_models_and_world_size(written, capsys):

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+from checks import assert_changed_model_loads, changed_model
 from launch import REPO, torchrun
 from safetensors.torch import load_file
 
 import graft
 from graft.launch.cli import main as graft_cli
-from graft.models import tiny_vgg_rnn3
 
 pytestmark = pytest.mark.distributed
 SCRIPT = REPO / "tests/distributed/scripts/dcp_fsdp2_save.py"
@@ -27,28 +27,8 @@ def written(tmp_path_factory):
     return out
 
 
-def changed_model() -> torch.nn.Module:
-    """The writer's model with a new rnn3 block and a 7-class head instead of 5."""
-    torch.manual_seed(123)
-    return tiny_vgg_rnn3(num_classes=7)
 
 
-def check_changed_model_load(folder, final: dict[str, torch.Tensor], **open_options):
-    model = changed_model()
-    report = graft.load(model, folder, freeze="loaded", verbose=False, **open_options)
-    state = model.state_dict()
-    assert sorted(report.loaded) == sorted(k for k in final if not k.startswith("classifier.6."))
-    for key in report.loaded:
-        assert torch.equal(state[key], final[key]), key
-    assert sorted(report.new) == ["rnn3.0.bias", "rnn3.0.weight"]
-    assert sorted(report.mismatched) == ["classifier.6.bias", "classifier.6.weight"]
-    params = dict(model.named_parameters())
-    assert all(params[k].requires_grad for k in report.new + report.mismatched)
-    assert not any(params[k].requires_grad for k in report.loaded)
-    # Only the planned tensors were read: not the head, not the optimizer state.
-    assert report.bytes_read == report.plan.bytes_to_read == sum(final[k].nbytes for k in report.loaded)
-    assert not torch.distributed.is_initialized()
-    return report
 
 
 def test_top_level_layout(written):
@@ -61,7 +41,8 @@ def test_top_level_layout(written):
         assert "optimizer" in info["not_model"] and "train_state" in info["not_model"]
         head = ckpt.meta("classifier.6.weight")
         assert head.shape == (5, 64) and head.dtype == torch.float32
-    check_changed_model_load(written / "top", final)
+    assert_changed_model_loads(written / "top", final)
+    assert not torch.distributed.is_initialized()  # a plain process: no process group needed
 
 
 def test_nested_layout(written):
@@ -71,7 +52,7 @@ def test_nested_layout(written):
         assert sorted(ckpt.keys()) == sorted(final)
         assert not any(k.startswith(OPTIMIZER_GROUPS) for k in ckpt.keys())
         assert ckpt.info()["layout"] == "nested under 'model'"
-    report = check_changed_model_load(written / "nested", final)
+    report = assert_changed_model_loads(written / "nested", final)
     assert report.plan.source == "model"
     # Naming the container gives the same keys.
     with graft.open(written / "nested", container="model") as ckpt:
@@ -100,7 +81,7 @@ def test_one_chunk_tensors_are_byte_spans(written):
             assert torch.equal(ckpt.tensor(key), final[key]), key
     with graft.open(written / "top") as ckpt:  # FSDP: two row blocks, one per rank
         assert ckpt.span("features.0.weight") is None
-    check_changed_model_load(written / "single", final)
+    assert_changed_model_loads(written / "single", final)
 
 
 def test_missing_distcp_file_leaves_model_untouched(written, tmp_path):

@@ -10,6 +10,7 @@ the kernel exactly which ranges are coming (so read-ahead fetches nothing we dis
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from abc import ABC, abstractmethod
 from collections import defaultdict
@@ -37,10 +38,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -7,6 +7,7 @@ overlaps, sizes that agree with shape x dtype, and a file long enough to hold th
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -59,9 +60,7 @@ def read_header(path: Path) -> tuple[int, dict, dict]:
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(path, f"header entry {key!r} is malformed: {e!r}",
                                   "the file is corrupt; write it again") from err
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
             raise CheckpointError(
                 path,
