@@ -35,11 +35,12 @@ Methods:
   floor         the kept bytes pread straight into the parameters' own memory, in file
                 order, offsets from the safetensors header / graft's reader spans, with
                 POSIX_FADV_SEQUENTIAL as `cat` uses (measured here 3-4x faster cold than no
-                hint); the machine's floor for time, not a peer. It does not care what
-                read-ahead costs past a kept range, so on the filtered scenario it reads more
-                than it keeps.
+                hint), ONE reader; the machine's floor for a plain read loop, not a peer.
+                It ignores what read-ahead costs past a kept range, so on the filtered
+                scenario it reads more than it keeps. graft reads a dense file with two
+                streams, so cold it can come in under this floor (x floor < 1).
 
-Run:  .venv/bin/python bench/load.py            (2 GB, 3 runs each, about 10 minutes)
+Run:  .venv/bin/python bench/load.py            (~2 GB, 3 runs each, 12-14 minutes here)
       .venv/bin/python bench/load.py --quick    (0.25 GB, 1 run each, for development)
 """
 

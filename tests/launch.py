@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """The environment for child processes: CPU accelerator for DeepSpeed, one shared
     extension cache (DeepSpeed's JIT build happens once per CI run), quiet threads."""
     env = dict(os.environ)
@@ -36,7 +36,7 @@ def test_env(**extra: str) -> dict[str, str]:
 def run(cmd: list[str], *, timeout: float = 300, env: dict | None = None, cwd=None, check: bool = True):
     """Run a command; on failure or timeout, raise with its whole output."""
     try:
-        proc = subprocess.run(cmd, env=env or test_env(), cwd=cwd or REPO, capture_output=True, text=True,
+        proc = subprocess.run(cmd, env=env or child_env(), cwd=cwd or REPO, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from graft._logging import get_logger, progress
+from graft.errors import PlanError
 from graft.loading.formats.base import Checkpoint
 from graft.loading.plan import Entry, LoadPlan, model_tensors
 
@@ -57,6 +58,14 @@ def load_into(model: torch.nn.Module, plan: LoadPlan, ckpt: Checkpoint, *, show_
     todo = [e for e in plan.entries.values() if e.ckpt_key and not e.tied_to and (e.action == "load" or e.partial)]
     # All checks first: a bad shard must fail before the first parameter changes.
     ckpt.validate(e.ckpt_key for e in todo)
+    on_meta = [k for k, (t, _) in tensors.items() if t.device.type == "meta"]
+    if on_meta:
+        # One process has no rank 0 to take values from: new tensors would stay unset.
+        raise PlanError(
+            f"{ckpt.path}: the model has tensors on the meta device ({on_meta[:3]}...), which a"
+            " single-process load cannot fill\n  way out: build the model on a real device, or"
+            " model.to_empty(device='cpu') and initialise the new parts, before graft.load"
+        )
     direct, staged = [], []
     for e in todo:
         dest = tensors[e.model_key][0].data

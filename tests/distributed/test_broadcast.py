@@ -142,7 +142,7 @@ def test_two_nodes_checkpoint_known_only_to_node_0(ckpts, tmp_path):
     port = free_port()
     procs = []
     for node in (0, 1):
-        env = launch.test_env(**({"GRAFT_TEST_CKPT_DIR": str(ckpts)} if node == 0 else {}))
+        env = launch.child_env(**({"GRAFT_TEST_CKPT_DIR": str(ckpts)} if node == 0 else {}))
         env.pop("GRAFT_TEST_CKPT_DIR", None) if node == 1 else None
         cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
                "--master_addr", "127.0.0.1", "--master_port", str(port),

@@ -72,4 +72,4 @@ def test_loading_imports_no_accelerate_deepspeed_or_dcp():
     code = ("import sys, graft, graft.loading; "
             "bad = [m for m in ('accelerate', 'deepspeed', 'torch.distributed.checkpoint') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, env=launch.test_env(), cwd=REPO, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, env=launch.child_env(), cwd=REPO, timeout=120)

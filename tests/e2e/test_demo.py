@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from launch import REPO, run
-from launch import test_env as child_env  # (a test_* name here would be collected as a test)
+from launch import child_env
 
 pytestmark = pytest.mark.e2e
 

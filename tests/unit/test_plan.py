@@ -204,3 +204,12 @@ def test_report_json_round_trips(tmp_path, trained_small):
     assert d["bytes_read"] == report.bytes_read > 0
     assert set(d["frozen"]) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias"}
     assert 0 < d["coverage"] < 1
+
+
+def test_single_process_load_into_a_meta_model_is_refused(tmp_path, trained_small):
+    path = save(tmp_path, trained_small.state_dict())
+    with torch.device("meta"):
+        m = Small()
+    assert "head.weight" in graft.plan(m, path).loaded  # planning a meta model is fine (graft diff does it)
+    with pytest.raises(graft.PlanError, match="meta device"):
+        graft.load(m, path, verbose=False)
