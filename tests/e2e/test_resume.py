@@ -114,7 +114,9 @@ def test_sigterm_mid_epoch_then_resume_equals_never_stopped(tmp_path):
     run(tiny_config(ref, *extra))
     out = tmp_path / "stopped"
     cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(out, *extra)]
-    proc = subprocess.Popen(cmd, env=launch.child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The same thread count as this process: float reductions split by threads differ bit-wise.
+    env = launch.child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
