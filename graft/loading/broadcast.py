@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from graft._logging import get_logger, progress
 from graft.errors import GraftError, PlanError
-from graft.loading.formats.base import Checkpoint, Span, TensorMeta, read_spans
+from graft.loading.formats.base import Checkpoint, Span, TensorMeta, read_spans, spans_are_dense
 from graft.loading.plan import Entry, LoadPlan, model_tensors
 from graft.loading.plan import plan as make_plan
 from graft.loading.transfer import TransferStats, copy_into, load_into
@@ -368,9 +368,24 @@ class _Stream:
                     self.cached = {}
         for file, spans in parts.items():
             spans.sort(key=lambda x: x[0].offset)
-            self.ckpt.bytes_read += read_spans(file, spans, bar.update)
+            self.ckpt.bytes_read += read_spans(file, spans, bar.update, dense=self._dense(file))
         if whole:
             self.ckpt.read_into(whole, on_bytes=bar.update)
+
+    def _dense(self, file: str) -> bool:
+        """Read-ahead policy for `file`, decided once from every span the plan reads there:
+        each chunk alone looks like a sparse read (a range in the middle of a file), which
+        would switch read-ahead off for a load that is in fact sequential."""
+        if not hasattr(self, "_density"):
+            spans: dict[str, list[Span]] = {}
+            for m in self.msgs:
+                for p in m.pieces:
+                    if p.item.kind == "ckpt":
+                        span = self.ckpt.span(self.plan.entries[p.item.name].ckpt_key)
+                        if span is not None and p.item_off == 0:
+                            spans.setdefault(span.file, []).append(span)
+            self._density = {f: spans_are_dense(f, s) for f, s in spans.items()}
+        return self._density.get(file, True)
 
     # every rank --------------------------------------------------------------------
     def _copy_out(self, k: int, buf: torch.Tensor, in_place: bool) -> None:

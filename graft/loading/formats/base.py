@@ -192,10 +192,32 @@ def writable_buffer(out: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
 
 
+# Read-ahead may run this far past the end of a range (two 16 MB windows: the sequential
+# window with the common 8 MB read_ahead_kb); gaps up to _SMALL_GAP are read through.
+_RUNAWAY, _SMALL_GAP = 32 << 20, 1 << 20
+
+
+def spans_are_dense(file: str, spans: Sequence[Span]) -> bool:
+    """Whether reading `spans` sequentially wastes at most 3% on gaps and read-ahead runaway."""
+    if not spans:
+        return True
+    size = os.stat(file).st_size
+    wanted = sum(s.nbytes for s in spans)
+    waste, end = 0, None
+    for span in sorted(spans, key=lambda s: s.offset):
+        if end is not None and span.offset > end:
+            gap = span.offset - end
+            waste += gap if gap <= _SMALL_GAP else min(gap, _RUNAWAY)
+        end = max(end or 0, span.offset + span.nbytes)
+    waste += min(size - end, _RUNAWAY) if size - end > _SMALL_GAP else 0
+    return waste <= 0.03 * wanted
+
+
 def read_spans(
     file: str,
     items: Sequence[tuple[Span, torch.Tensor]],
     on_bytes: Callable[[int], None] | None = None,
+    dense: bool | None = None,
 ) -> int:
     """pread each span of one file into its tensor; returns the bytes read.
 
@@ -213,13 +235,13 @@ def read_spans(
       the kernel exactly which ranges are coming (WILLNEED, in pieces small enough that
       the kernel does not cap them), ahead of the reader, so the bytes read from storage
       are the bytes kept and the I/O of the next range overlaps the copy of this one.
+
+    `dense` overrides the choice: a caller reading one plan in several calls (the
+    broadcast's chunks) decides once for the whole plan.
     """
     import threading
 
-    # Read-ahead may run this far past the end of a range (two 16 MB windows: the
-    # sequential window with the common 8 MB read_ahead_kb); gaps up to `small_gap` are
-    # read through rather than skipped.
-    runaway, small_gap, hint_piece = 32 << 20, 1 << 20, 4 << 20
+    hint_piece = 4 << 20
     items = sorted(items, key=lambda item: item[0].offset)
     lock = threading.Lock()
 
@@ -255,19 +277,10 @@ def read_spans(
         return got
 
     advise = hasattr(os, "posix_fadvise")
-    dense = True
-    if advise and items:
-        size = os.stat(file).st_size
-        # Bytes the sequential way would read for nothing: the gaps between kept ranges,
-        # and a read-ahead runaway after each range that a large hole follows.
-        waste, end = 0, None
-        for span, _ in items:
-            if end is not None and span.offset > end:
-                gap = span.offset - end
-                waste += gap if gap <= small_gap else min(gap, runaway)
-            end = max(end or 0, span.offset + span.nbytes)
-        waste += min(size - end, runaway) if size - end > small_gap else 0
-        dense = waste <= 0.03 * wanted
+    if not advise:
+        dense = True
+    elif dense is None:
+        dense = spans_are_dense(file, [span for span, _ in items])
 
     def open_fd(advice) -> int:
         fd = os.open(file, os.O_RDONLY)
