@@ -288,64 +288,63 @@ def read_spans(
             os.posix_fadvise(fd, 0, 0, advice)
         return fd
 
-    if not dense:
-        fd = open_fd(os.POSIX_FADV_RANDOM)
-        stop = threading.Event()
-
-        def hint():
-            for span, _ in items:
-                done = 0
-                while done < span.nbytes and not stop.is_set():
-                    n = min(hint_piece, span.nbytes - done)
-                    os.posix_fadvise(fd, span.offset + done, n, os.POSIX_FADV_WILLNEED)
-                    done += n
-
-        hinter = threading.Thread(target=hint, name="graft-willneed", daemon=True)
-        hinter.start()
+    def read_with(advice, todo) -> int:
+        fd = open_fd(advice)
         try:
-            return read(fd, pieces)
-        finally:
-            stop.set()
-            hinter.join()
-            os.close(fd)
-
-    sequential = os.POSIX_FADV_SEQUENTIAL if advise else None
-    if wanted < 2 * _READ_CHUNK or len(pieces) < 2:
-        fd = open_fd(sequential)
-        try:
-            return read(fd, pieces)
+            return read(fd, todo)
         finally:
             os.close(fd)
-    # Two readers, each its own descriptor (its own read-ahead state), half the bytes each.
-    acc, cut = 0, len(pieces) - 1
-    for i, (_, view, _) in enumerate(pieces):
-        acc += len(view)
-        if 2 * acc >= wanted:
-            cut = i + 1
-            break
-    cut = min(max(cut, 1), len(pieces) - 1)
-    result: dict[str, object] = {}
 
-    def second():
-        try:
-            fd2 = open_fd(sequential)
+    def read_in_two(advice) -> int:
+        """Two readers, each its own descriptor (its own read-ahead state), half the bytes
+        each: cold, two streams keep the device busier; warm, two cores copy."""
+        if wanted < 2 * _READ_CHUNK or len(pieces) < 2:
+            return read_with(advice, pieces)
+        acc, cut = 0, len(pieces) - 1
+        for i, (_, view, _) in enumerate(pieces):
+            acc += len(view)
+            if 2 * acc >= wanted:
+                cut = i + 1
+                break
+        cut = min(max(cut, 1), len(pieces) - 1)
+        result: dict[str, object] = {}
+
+        def second():
             try:
-                result["got"] = read(fd2, pieces[cut:])
-            finally:
-                os.close(fd2)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = e
+                result["got"] = read_with(advice, pieces[cut:])
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = e
 
-    helper = threading.Thread(target=second, name="graft-reader", daemon=True)
-    helper.start()
-    try:
-        fd = open_fd(sequential)
+        helper = threading.Thread(target=second, name="graft-reader", daemon=True)
+        helper.start()
         try:
-            got = read(fd, pieces[:cut])
+            got = read_with(advice, pieces[:cut])
         finally:
-            os.close(fd)
+            helper.join()
+        if "error" in result:
+            raise result["error"]
+        return got + result["got"]
+
+    if dense:
+        return read_in_two(os.POSIX_FADV_SEQUENTIAL if advise else None)
+
+    # WILLNEED acts on the file's page cache, so the hints may come from their own descriptor.
+    hint_fd = open_fd(os.POSIX_FADV_RANDOM)
+    stop = threading.Event()
+
+    def hint():
+        for span, _ in items:
+            done = 0
+            while done < span.nbytes and not stop.is_set():
+                n = min(hint_piece, span.nbytes - done)
+                os.posix_fadvise(hint_fd, span.offset + done, n, os.POSIX_FADV_WILLNEED)
+                done += n
+
+    hinter = threading.Thread(target=hint, name="graft-willneed", daemon=True)
+    hinter.start()
+    try:
+        return read_in_two(os.POSIX_FADV_RANDOM)
     finally:
-        helper.join()
-    if "error" in result:
-        raise result["error"]
-    return got + result["got"]
+        stop.set()
+        hinter.join()
+        os.close(hint_fd)
