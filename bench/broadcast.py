@@ -33,9 +33,10 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from procstats import PeakRss, drop_cache, read_bytes, warm_cache
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
@@ -90,64 +91,6 @@ def check_values(model) -> bool:
 
 
 # -- measuring ----------------------------------------------------------------------------
-
-
-def _status() -> tuple[int, int]:
-    anon = file = 0
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("RssFile:"):
-                file = int(line.split()[1]) * 1024
-    return anon, file
-
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-class Peak:
-    """Peak RssAnon / RssFile above the level at start, sampled in a thread."""
-
-    def __enter__(self):
-        self.base = _status()
-        self.peak = list(self.base)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            a, f = _status()
-            self.peak = [max(self.peak[0], a), max(self.peak[1], f)]
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        a, f = _status()
-        self.extra_anon = max(self.peak[0], a) - self.base[0]
-        self.extra_file = max(self.peak[1], f) - self.base[1]
-
-
-def evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb", buffering=0) as f:
-        while f.read(64 << 20):
-            pass
 
 
 # -- the methods (each runs on every rank) --------------------------------------------------
@@ -222,17 +165,17 @@ def worker(args) -> None:
                 gc.collect()
                 if rank == 0:
                     for f in (st, pt):
-                        evict(f) if cond == "cold" else (warm(f) if rep == 0 else None)
+                        drop_cache([f]) if cond == "cold" else (warm_cache([f]) if rep == 0 else None)
                 dist.barrier()
-                before = _read_bytes()
-                with Peak() as peak:
+                before = read_bytes()
+                with PeakRss() as peak:
                     t0 = time.perf_counter()
                     run_method(name, model, rank, st, pt, args.bucket_mb, buffers)
                     seconds = time.perf_counter() - t0
                 gc.collect()
                 ok = check_values(model) if not name.startswith("floor") else True
                 mine = {"seconds": seconds, "anon": peak.extra_anon, "file": peak.extra_file,
-                        "read": _read_bytes() - before, "ok": ok}
+                        "read": read_bytes() - before, "ok": ok}
                 gathered = [None] * world
                 dist.all_gather_object(gathered, mine)
                 if rank == 0:

@@ -55,10 +55,11 @@ import re
 import shutil
 import statistics
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
+
+from procstats import PeakRss, drop_cache, read_bytes, status_kb, warm_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -204,24 +205,6 @@ def write_checkpoint(workdir: Path, scenario: str, hidden: int, layers: int) -> 
 # ---------------------------------------------------------------------------------------
 # Cache state (parent, before each child)
 # ---------------------------------------------------------------------------------------
-def drop_cache(files) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def warm_cache(files) -> None:
-    buf = bytearray(16 * MB)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            while fh.readinto(buf):
-                pass
-
-
 def cached_fraction(files) -> float | None:
     """Share of the files' pages in the page cache (via fincore, when installed)."""
     import subprocess
@@ -372,52 +355,6 @@ METHODS = {
 # ---------------------------------------------------------------------------------------
 # Measuring one load (child)
 # ---------------------------------------------------------------------------------------
-def status_kb() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("RssAnon:", "RssFile:", "VmRSS:", "VmHWM:")):
-                name, value = line.split(":", 1)
-                out[name] = int(value.split()[0])
-    return out
-
-
-def read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-class Sampler(threading.Thread):
-    """Samples RssAnon / RssFile every `interval` seconds; keeps the maxima."""
-
-    def __init__(self, interval=0.002):
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.stop_event = threading.Event()
-        s = status_kb()
-        self.peak_anon, self.peak_file = s["RssAnon"], s["RssFile"]
-        self.samples = 0
-
-    def sample(self):
-        s = status_kb()
-        self.peak_anon = max(self.peak_anon, s["RssAnon"])
-        self.peak_file = max(self.peak_file, s["RssFile"])
-        self.samples += 1
-
-    def run(self):
-        while not self.stop_event.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def stop(self):
-        self.stop_event.set()
-        self.join()
-        self.sample()
-
-
 def measure(spec: dict) -> dict:
     import torch
 
@@ -454,13 +391,11 @@ def measure(spec: dict) -> dict:
     except OSError:
         pass
     base = status_kb()
-    sampler = Sampler()
     io0 = read_bytes()
-    sampler.start()
-    t0 = time.perf_counter()
-    fn(model, ctx)
-    wall = time.perf_counter() - t0
-    sampler.stop()
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        fn(model, ctx)
+        wall = time.perf_counter() - t0
     io1 = read_bytes()
     end = status_kb()
     # Correctness: every kept tensor holds the checkpoint's values.
@@ -475,11 +410,11 @@ def measure(spec: dict) -> dict:
                 bad.append(mk)
     return {
         "wall": wall,
-        "anon": (sampler.peak_anon - base["RssAnon"]) * 1024,
-        "file": (sampler.peak_file - base["RssFile"]) * 1024,
+        "anon": peak.extra_anon,
+        "file": peak.extra_file,
         "hwm": (end["VmHWM"] - base["VmRSS"]) * 1024,
         "read": io1 - io0,
-        "samples": sampler.samples,
+        "samples": peak.samples,
         "checked": checked,
         "bad": bad[:5],
         "threads": torch.get_num_threads(),

@@ -33,6 +33,8 @@ everything the checkpoint does not fill.
 
 from __future__ import annotations
 
+import math
+
 import os
 import pickle
 import time
@@ -511,10 +513,7 @@ def _items(plan: LoadPlan, ckpt_order: Sequence[str], tensors: dict, nonpersiste
 
 
 def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize
 
 
 def _planned(plan: LoadPlan) -> list[Entry]:

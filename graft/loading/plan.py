@@ -222,8 +222,9 @@ def _dtype_compatible(src: torch.dtype, dst: torch.dtype) -> bool:
     return src.is_floating_point and dst.is_floating_point
 
 
-def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
+def fmt_shape(shape) -> str:
+    """'(102, 4096)', the way reports and errors show a shape; '-' when unknown."""
+    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else "-"
 
 
 def plan(
@@ -305,10 +306,10 @@ def plan(
                 entry.reason += f"; cast {str(meta.dtype)[6:]} -> {str(tensor.dtype)[6:]}"
         else:
             entry.action = "mismatch"
-            entry.reason = f"shape {_fmt_shape(entry.shape)} in model vs {_fmt_shape(meta.shape)} in checkpoint"
+            entry.reason = f"shape {fmt_shape(entry.shape)} in model vs {fmt_shape(meta.shape)} in checkpoint"
             if on_mismatch == "copy-overlap" and len(meta.shape) == len(entry.shape):
                 entry.partial = True
-                entry.reason += f"; overlap {_fmt_shape(min(a, b) for a, b in zip(entry.shape, meta.shape))} copied"
+                entry.reason += f"; overlap {fmt_shape(min(a, b) for a, b in zip(entry.shape, meta.shape))} copied"
             else:
                 errors.append(f"{mk}: {entry.reason}")
 

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from graft.loading.plan import LoadPlan
+from graft.loading.plan import LoadPlan, fmt_shape
 
 
 def human_bytes(n: float) -> str:
@@ -15,10 +15,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
-
-
-def _shape(shape) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else "-"
 
 
 def _group(keys: list[str], depth: int = 1) -> str:
@@ -45,7 +41,7 @@ def render_plan(plan: LoadPlan, title: str = "dry run") -> str:
         status = {"load": "loaded", "new": "new", "mismatch": "mismatched"}[e.action]
         if e.partial:
             status = "partial"
-        rows.append((status, k, _shape(e.shape), str(e.dtype).removeprefix("torch."), e.reason))
+        rows.append((status, k, fmt_shape(e.shape), str(e.dtype).removeprefix("torch."), e.reason))
     for ck, reason in plan.unexpected.items():
         rows.append(("unexpected", ck, "", "", reason))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
