@@ -1,164 +1,101 @@
-"""graft's own run checkpoints: a checkpoint folder, or a run folder (its newest complete checkpoint).
+"""graft's own run checkpoints, read through the format's one owner (`graft.checkpointing.layout`).
 
-    RUN_DIR/checkpoints/epoch_000005/            one checkpoint (5 epochs done)
-    RUN_DIR/checkpoints/epoch_000005_step_000123/  mid-epoch (preemption), global step 123
-        model.safetensors   full weights (unwrapped names)
-        manifest.json       written last: each file's size and sha256; its presence marks
-                            the checkpoint complete
-
-The layout helpers live here, beside the reader, so the trainer (which writes these
-folders) and `graft.open` (which reads them) agree on one definition of "complete".
-Opening checks sizes only; the trainer's resume also checks every hash.
+A checkpoint folder, or a run folder (its newest complete checkpoint). The model's weights are
+the logical tensors `model/<fqn>` of the manifest (version 2: pieces in every rank's shard
+file, read straight into the destination, only the planned ones), or `model.safetensors`
+(version 1, gathered). Completeness is the layout module's rule, the one `--resume auto`
+uses: manifest, every file's size, and every file's hash (verify="sha256", the default; the
+name stays for the option although version-2 manifests hash with BLAKE3) or sizes only
+(verify="sizes"). `info()` gives the world size, strategy and layout of the saving run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import time
 from pathlib import Path
 
+from graft._logging import get_logger
+from graft.checkpointing import layout
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
 from graft.loading.formats.safetensors_file import SafetensorsFile
 
-MANIFEST = "manifest.json"
-MODEL = "model.safetensors"
-CHECKPOINTS = "checkpoints"
-TMP_PREFIX = ".tmp-"
-TRASH_PREFIX = ".trash-"
-MANIFEST_FORMAT = "graft-run-checkpoint"
-NAME = re.compile(r"^epoch_(\d{6,})(?:_step_(\d{6,}))?$")
+log = get_logger(__name__)
 
-
-def checkpoint_name(epoch: int, step: int | None = None) -> str:
-    """epoch_000005 (epoch boundary) or epoch_000005_step_000123 (mid-epoch, global step)."""
-    return f"epoch_{epoch:06d}" if step is None else f"epoch_{epoch:06d}_step_{step:06d}"
-
-
-def sort_key(name: str) -> tuple[int, int, int]:
-    """Oldest first: epoch_5 < epoch_5_step_N (inside epoch 6) < epoch_6."""
-    m = NAME.match(name)
-    assert m, name
-    return int(m.group(1)), m.group(2) is not None, int(m.group(2) or 0)
-
-
-def candidates(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run (complete or not), newest first; temp folders excluded."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)]
-    return sorted(found, key=lambda p: sort_key(p.name), reverse=True)
-
-
-def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(folder, "has no manifest.json: the save did not finish",
-                              "use an older checkpoint (--resume auto skips this one)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(folder, f"manifest.json is not valid JSON ({e})",
-                              "the checkpoint is corrupt; use an older one") from e
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(folder, "manifest.json is not a graft run-checkpoint manifest",
-                              "point at a folder written by graft's trainer")
-    return manifest
-
-
-def problem(folder: str | Path, hashes: bool = True) -> str | None:
-    """Why `folder` is not a complete checkpoint (None when it is): manifest, then sizes, then hashes."""
-    folder = Path(folder)
-    try:
-        manifest = read_manifest(folder)
-    except CheckpointError as e:
-        return e.problem
-    for rel, want in manifest["files"].items():
-        f = folder / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        size = f.stat().st_size
-        if size != want["size"]:
-            return f"{rel} has {size} bytes, the manifest says {want['size']}"
-    if MODEL not in manifest["files"]:
-        return f"the manifest lists no {MODEL}"
-    if hashes:
-        for rel, want in manifest["files"].items():
-            if sha256_file(folder / rel) != want["sha256"]:
-                return f"{rel} does not match its sha256 in the manifest (corrupt)"
-    return None
-
-
-def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """(newest complete checkpoint or None, [(skipped newer folder, why)])."""
-    skipped = []
-    for folder in candidates(run_dir):
-        why = problem(folder, hashes=hashes)
-        if why is None:
-            return folder, skipped
-        skipped.append((folder, why))
-    return None, skipped
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file() and (path / MODEL).is_file()
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / CHECKPOINTS).is_dir()
-
-
-def resolve(path: str | Path, hashes: bool = False) -> Path:
-    """The checkpoint folder `path` names: itself, or a run folder's newest complete checkpoint."""
-    path = Path(path)
-    if is_run_dir(path) and not (path / MANIFEST).exists():
-        folder, skipped = newest_complete(path, hashes=hashes)
-        if folder is None:
-            detail = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "no checkpoint folders"
-            raise CheckpointError(path, f"holds no complete run checkpoint ({detail})",
-                                  "train until a checkpoint is saved, or point at a checkpoint file")
-        return folder
-    why = problem(path, hashes=hashes)
-    if why is not None:
-        raise CheckpointError(path, f"is not a complete run checkpoint: {why}",
-                              "use an older checkpoint of the run, or the run folder (its newest complete one)")
-    return path
+VERIFY = ("sha256", "sizes")
+"""What makes a run checkpoint complete for `graft.open(..., verify=)`: "sha256" (the default, the
+rule resume uses: manifest, sizes and every file's hash) or "sizes" (manifest and sizes only)."""
 
 
 class GraftRun(Checkpoint):
+    """A run checkpoint, checked before use as `--resume auto` checks it. A run folder gives its
+    newest complete checkpoint, newer broken ones skipped with a warning; a named checkpoint
+    folder that fails the check is refused."""
+
     format = "graft"
-    describes = "a graft run checkpoint folder (manifest.json + model.safetensors) or a run folder"
+    describes = "a graft run checkpoint folder (manifest.json) or a run folder (checkpoints/)"
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
-        return is_checkpoint_dir(path) or (is_run_dir(path) and bool(candidates(path)))
+        return layout.is_checkpoint_dir(path) or (layout.is_run_dir(path) and bool(layout.candidates(path)))
 
-    def __init__(self, path, options: OpenOptions):
-        super().__init__(path, options)
-        self.folder = resolve(self.path)
-        self.manifest = read_manifest(self.folder)
-        self._weights = SafetensorsFile(self.folder / MODEL, options)
-        self.source = str(self.folder.relative_to(self.path)) if self.folder != self.path else MODEL
+    def __init__(self, path, options: OpenOptions | None):
+        super().__init__(path, options or OpenOptions())
+        self.verify = self.options.extra.get("verify", "sha256")
+        if self.verify not in VERIFY:
+            raise CheckpointError(self.path, f"verify={self.verify!r} is not a run-checkpoint check",
+                                  f"use one of {list(VERIFY)}")
+        started = time.perf_counter()
+        self.folder, self.skipped = layout.resolve(self.path, hashes=self.verify == "sha256")
+        self.verify_seconds = time.perf_counter() - started
+        for folder, why in self.skipped:
+            log.warning("skipping checkpoint %s: %s (as --resume auto does)", folder, why)
+        self.manifest = layout.read_manifest(self.folder)
+        self._legacy = None
+        if self.manifest.version == layout.LEGACY_VERSION:
+            self._legacy = SafetensorsFile(self.folder / layout.LEGACY_MODEL, self.options)
+            self.source = layout.LEGACY_MODEL
+        else:
+            self.source = "model/* of the manifest"
+            self._entries = {name[len(layout.MODEL_PREFIX):]: t for name, t in self.manifest.tensors.items()
+                             if name.startswith(layout.MODEL_PREFIX)}
+        if self.folder != self.path:
+            self.source = f"{self.folder.relative_to(self.path)} ({self.source})"
 
     def keys(self) -> list[str]:
-        return self._weights.keys()
+        return self._legacy.keys() if self._legacy else list(self._entries)
 
     def meta(self, key: str) -> TensorMeta:
-        return self._weights.meta(key)
+        if self._legacy:
+            return self._legacy.meta(key)
+        t = self._entries[key]
+        file = str(self.folder / t.pieces[0].file) if t.pieces else str(self.folder)
+        return TensorMeta(key, t.shape, t.dtype, file)
 
-    def span(self, key: str) -> Span:
-        return self._weights.span(key)
+    def span(self, key: str) -> Span | None:
+        if self._legacy:
+            return self._legacy.span(key)
+        t = self._entries[key]
+        if len(t.pieces) == 1:  # the whole tensor in one piece: a plain byte range
+            p = t.pieces[0]
+            return Span(str(self.folder / p.file), p.offset, t.numel * t.dtype.itemsize)
+        return None
+
+    def read_into(self, requests, on_bytes=None) -> None:
+        if self._legacy:
+            return super().read_into(requests, on_bytes)
+        from graft.checkpointing.restore import read_ranges
+
+        for key, out in requests:
+            assert out.device.type == "cpu" and out.dtype == self._entries[key].dtype, key
+        self.bytes_read += read_ranges(
+            self.manifest, [(layout.model_name(k), 0, out.numel(), out.reshape(-1)) for k, out in requests],
+            on_bytes=on_bytes)
 
     def info(self) -> dict:
-        return {**super().info(), "checkpoint": str(self.folder), "epoch": self.manifest.get("epoch"),
-                "step": self.manifest.get("step")}
+        m = self.manifest
+        return {**super().info(), "checkpoint": str(self.folder), "epoch": m.info.get("epoch"),
+                "step": m.info.get("step"), "manifest_version": m.version, "world_size": m.world_size,
+                "strategy": m.strategy, "layout": m.layout(), "verified": self.verify,
+                "verify_seconds": round(self.verify_seconds, 3),
+                "skipped": {p.name: why for p, why in self.skipped}}

@@ -1,0 +1,248 @@
+"""The sharded save: every rank writes only what it holds, in parallel; rank 0 commits the manifest.
+
+    result = save(run_dir, "epoch_000004", adapter, files={...}, rank_tensors={...}, rank_state={...})
+
+On every rank together (collectives are the default process group's, if there is one):
+
+1. rank 0 opens the temp folder; every rank sends the bytes it holds alone and a digest of its
+   replicated holdings (one all_gather_object of small metadata; it also orders the folder's
+   creation before any write);
+2. the replicated bytes (DDP weights, scalar steps, FSDP2 buffers...) are laid end to end, in
+   holdings order, and cut so that every rank's total (own + share) is as close to total / N as
+   the cut allows: each rank computes the same cut from the same metadata, so no byte is
+   written twice and none is missed;
+3. every rank streams its pieces into `shards/rank_<r>.safetensors` (straight from memory,
+   hashed while written, fsynced); rank 0 also writes the small JSON/YAML `files`;
+4. every rank sends rank 0 its file's size, hash and pieces (all_gather_object again; a failed
+   write travels the same way, so every rank raises the same error and none waits forever);
+5. rank 0 checks that the pieces of every logical tensor tile it exactly, writes state.json
+   and the manifest (the commit), renames, rotates, and tells every rank the outcome.
+
+No rank gathers or copies a tensor; a rank's extra memory is the staging buffer for device
+tensors (`shard_writer.STAGING_BYTES`) and the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from graft._logging import get_logger
+from graft.checkpointing import layout
+from graft.checkpointing.atomic import AtomicCheckpoint, clean_leftovers, rotate
+from graft.checkpointing.layout import FileEntry, Piece, TensorEntry
+from graft.checkpointing.shard_writer import STAGING_BYTES, Written, write_bytes, write_shard
+from graft.checkpointing.slices import Holding, StateAdapter, whole
+
+log = get_logger(__name__)
+
+
+# -- collectives (the default group; trivial in one process) ----------------------------
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(obj: Any) -> list:
+    rank, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    _, world = rank_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -- splitting replicated bytes ---------------------------------------------------------
+
+def _signature(rep: Sequence[Holding]) -> str:
+    h = hashlib.sha256()
+    for x in rep:
+        h.update(f"{x.name}|{x.shape}|{x.dtype}|{x.start}|{x.stop};".encode())
+    return h.hexdigest()
+
+
+def quotas(own: Sequence[int], replicated: int) -> list[int]:
+    """Bytes of the replicated stream each rank writes, so that own + quota is as even as it gets."""
+    n = len(own)
+    target = (sum(own) + replicated) / n
+    want = [max(0.0, target - o) for o in own]
+    total = sum(want)
+    if total == 0:
+        want, total = [1.0] * n, float(n)
+    cuts, acc = [], 0.0
+    for w in want:
+        acc += w
+        cuts.append(round(replicated * acc / total))
+    cuts[-1] = replicated
+    return [b - a for a, b in zip([0, *cuts[:-1]], cuts)]
+
+
+def share(rep: Sequence[Holding], quota: Sequence[int], rank: int) -> list[Holding]:
+    """This rank's part of the replicated holdings: bytes [a, b) of their concatenation, cut at
+    element boundaries. An element belongs to the rank whose byte range holds its first byte, so
+    every rank computes the same partition."""
+    a = sum(quota[:rank])
+    b = a + quota[rank]
+    out, at = [], 0
+    for h in rep:
+        size = h.dtype.itemsize
+        first = min(h.numel, max(0, -(-(a - at) // size)))
+        last = min(h.numel, max(0, -(-(b - at) // size)))
+        if last > first:
+            out.append(h.narrow(h.start + first, h.start + last))
+        at += h.nbytes
+    return out
+
+
+# -- the save ---------------------------------------------------------------------------
+
+@dataclass
+class SaveResult:
+    folder: Path
+    bytes_per_rank: list[int]
+    seconds: float
+    deleted: list[str] = field(default_factory=list)
+
+
+def _failure(e: BaseException, rank: int) -> dict:
+    return {"rank": rank, "type": type(e).__name__, "errno": getattr(e, "errno", None),
+            "strerror": getattr(e, "strerror", None) or str(e), "filename": getattr(e, "filename", None)}
+
+
+def raise_failure(f: dict, own: BaseException | None) -> None:
+    """The same error on every rank: this rank's own exception, or one naming the rank that failed."""
+    if own is not None:
+        raise own
+    if f["errno"] is not None:
+        raise OSError(f["errno"], f"rank {f['rank']}: {f['strerror']}", f["filename"])
+    raise RuntimeError(f"rank {f['rank']} failed to write its part of the checkpoint: {f['type']}: {f['strerror']}")
+
+
+def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[str, Any] | None = None,
+         rank_tensors: dict[str, torch.Tensor] | None = None, rank_state: dict | None = None,
+         info: dict | None = None, keep_last: int | None = None, staging_bytes: int = STAGING_BYTES) -> SaveResult:
+    """Write checkpoint `name` of `run_dir` from every rank at once; returns on every rank after the commit.
+
+    files: rank 0 only; relative name -> JSON-able object (written as JSON) or bytes (as is).
+    rank_tensors: this rank's private tensors (RNG states...), by logical name (`layout.rank_name`).
+    rank_state: this rank's JSON-able private state (RNG metadata, counters); state.json keeps
+    every rank's under "ranks", and rank 0's `adapter.extra_state()` under "adapter".
+    """
+    started = time.perf_counter()
+    rank, world = rank_world()
+    atomic = AtomicCheckpoint(run_dir, name)
+    holdings = adapter.holdings()
+    own = [h for h in holdings if not h.replicated]
+    own += [whole(k, t, replicated=False) for k, t in (rank_tensors or {}).items()]
+    rep = [h for h in holdings if h.replicated]
+    rank_state = dict(rank_state or {})
+    if hasattr(adapter, "rank_state"):  # optional: an adapter's rank-private JSON state
+        rank_state["adapter"] = adapter.rank_state()
+    began = None
+    if rank == 0:
+        try:
+            atomic.begin()
+        except OSError as e:
+            began = _failure(e, 0)
+    meta = all_gather((sum(h.nbytes for h in own), _signature(rep), began))
+    if meta[0][2] is not None:
+        raise_failure(meta[0][2], None)
+    if len({m[1] for m in meta}) != 1:
+        raise RuntimeError("the ranks hold different replicated tensors (names, shapes or dtypes differ): "
+                           "every rank must build the same model and optimizer")
+    mine = own + share(rep, quotas([m[0] for m in meta], sum(h.nbytes for h in rep)), rank)
+
+    shard = layout.shard_file(rank)
+    record, error, err_obj = None, None, None
+    try:
+        items = [(layout.piece_key(h.name, h.start, h.stop), h.local) for h in mine]
+        written = write_shard(atomic.tmp / shard, items, {"format": "graft-shard", "rank": rank},
+                              staging_bytes=staging_bytes)
+        extra: dict[str, Written] = {}
+        if rank == 0:
+            for rel, obj in (files or {}).items():
+                data = obj if isinstance(obj, bytes) else json.dumps(obj, indent=1).encode()
+                extra[rel] = write_bytes(atomic.tmp / rel, data)
+        record = {
+            "file": shard, "size": written.size, "hash": written.hash, "algo": written.algo,
+            "pieces": [(h.name, written.offsets[k], h.start, h.stop) for (k, _), h in zip(items, mine)],
+            "tensors": {h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in holdings}
+            | {h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in own},
+            "extra": {rel: (w.size, w.hash, w.algo) for rel, w in extra.items()},
+            "state": rank_state,
+        }
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is re-raised
+        error, err_obj = _failure(e, rank), e
+    records = all_gather(record if error is None else {"failed": error})
+    failed = [r["failed"] for r in records if "failed" in r]
+    if failed:
+        if rank == 0:
+            atomic.abandon()
+        raise_failure(failed[0], err_obj if error is not None else None)
+
+    outcome: Any = None
+    if rank == 0:
+        try:
+            outcome = _commit(atomic, records, adapter, world, info or {}, keep_last)
+        except Exception as e:  # noqa: BLE001
+            atomic.abandon()
+            outcome = {"failed": _failure(e, 0)}
+            err_obj = e
+    outcome = broadcast(outcome)
+    if isinstance(outcome, dict) and "failed" in outcome:
+        raise_failure(outcome["failed"], err_obj)
+    sizes = [r["size"] + sum(s for s, _, _ in r["extra"].values()) for r in records]
+    return SaveResult(atomic.final, sizes, time.perf_counter() - started, outcome or [])
+
+
+def _commit(atomic: AtomicCheckpoint, records: list[dict], adapter: StateAdapter, world: int, info: dict,
+            keep_last: int | None) -> list[str]:
+    tensors: dict[str, TensorEntry] = {}
+    for r in records:
+        for tname, (shape, dtype) in r["tensors"].items():
+            entry = tensors.setdefault(tname, TensorEntry(tuple(shape), layout.parse_dtype(dtype)))
+            if entry.shape != tuple(shape) or layout.dtype_name(entry.dtype) != dtype:
+                raise RuntimeError(f"{tname}: the ranks disagree on its shape or dtype ({entry.shape} "
+                                   f"{entry.dtype} vs {tuple(shape)} {dtype})")
+    for r in records:
+        for tname, offset, start, stop in r["pieces"]:
+            tensors[tname].pieces.append(Piece(r["file"], offset, start, stop))
+    for tname, entry in tensors.items():
+        entry.pieces.sort(key=lambda p: p.start)
+        why = entry.gaps()
+        if why is not None:  # an adapter bug: never commit a checkpoint that cannot be restored
+            raise RuntimeError(f"{tname}: the saved pieces do not cover it exactly: {why}")
+    state = {"adapter": adapter.extra_state(), "ranks": [r["state"] for r in records]}
+    state_file = write_bytes(atomic.tmp / layout.STATE, json.dumps(state, indent=1).encode())
+    files = {r["file"]: FileEntry(r["size"], r["hash"], r["algo"], rank) for rank, r in enumerate(records)}
+    for rel, (size, digest, algo) in records[0]["extra"].items():
+        files[rel] = FileEntry(size, digest, algo)
+    files[layout.STATE] = FileEntry(state_file.size, state_file.hash, state_file.algo)
+    manifest = layout.manifest_json(files, tensors, world_size=world, strategy=adapter.kind, info=info)
+    final = atomic.commit(manifest)
+    deleted = rotate(atomic.root.parent, keep_last, final)
+    total = sum(f.size for f in files.values())
+    log.info("saved %s (%.1f MB from %d rank(s))", final, total / 1e6, world)
+    return deleted
+
+
+__all__ = ["SaveResult", "all_gather", "broadcast", "clean_leftovers", "quotas", "save", "share"]
