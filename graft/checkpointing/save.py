@@ -169,7 +169,7 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
     if len({m[1] for m in meta}) != 1:
         raise RuntimeError("the ranks hold different replicated tensors (names, shapes or dtypes differ): "
                            "every rank must build the same model and optimizer")
-    mine = own + share(rep, quotas([m[0] for m in meta], sum(h.nbytes for h in rep)), rank)
+    mine = [h for h in own if h.numel] + share(rep, quotas([m[0] for m in meta], sum(h.nbytes for h in rep)), rank)
 
     shard = layout.shard_file(rank)
     record, error, err_obj = None, None, None
