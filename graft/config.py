@@ -244,6 +244,8 @@ class RunConfig:
 SAFE_ON_RESUME = frozenset({
     "train.epochs", "train.save_every", "train.keep_last", "train.out_dir", "train.log_every",
     "train.progress", "train.session_epochs", "data.num_workers", "data.root", "schedule.on_extend", "init.checkpoint",
+    # Run checkpoints are world-size- and strategy-free: a run may continue under another one.
+    "train.strategy",
 })
 
 

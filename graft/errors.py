@@ -30,3 +30,7 @@ class CheckpointError(GraftError):
 
 class PlanError(GraftError, ValueError):
     """The checkpoint and the model cannot be matched as asked (collision, shape, dtype)."""
+
+
+class ConfigError(GraftError, ValueError):
+    """A run config (YAML file, override, or a field combination) is invalid; the message names the field."""

@@ -40,8 +40,59 @@ def events(run_dir, kind: str) -> list[dict]:
             if d["event"] == kind]
 
 
-def state_hashes(folder) -> dict[str, str]:
-    """sha256 of what must be bitwise equal between two runs: weights, optimizer, schedule."""
-    files = json.loads((Path(folder) / "manifest.json").read_text())["files"]
-    keep = [f for f in files if f.startswith(("model.", "optimizer", "scheduler"))]
-    return {f: files[f]["sha256"] for f in sorted(keep)}
+def logical_state(folder) -> dict:
+    """What must be bitwise equal between two runs, read independently of graft's restorer (the
+    `safetensors` package opens every rank's shard; pieces are joined by the manifest's ranges):
+    every logical tensor of the model and the optimizer, the optimizer's param groups (state.json)
+    and the schedule state, and engine-private per-rank state (the interim DeepSpeed adapter's).
+    RNG states are left out (as before sharded checkpoints: they are not training state)."""
+    import torch
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    pieces: dict[str, dict] = {}
+    for rel in manifest["files"]:
+        if rel.endswith(".safetensors"):
+            with safe_open(str(folder / rel), "pt") as f:
+                for key in f.keys():
+                    name, _, rng = key.rpartition("[")
+                    start, stop = (int(x) for x in rng.rstrip("]").split(":"))
+                    pieces.setdefault(name, {})[start] = (stop, f.get_tensor(key))
+    out = {}
+    for name, t in manifest["tensors"].items():
+        if name.startswith("rank/") and "/rng/" in name:
+            continue
+        flat = torch.cat([v for _, (_, v) in sorted(pieces.get(name, {}).items())]) if pieces.get(name) else \
+            torch.empty(0, dtype=getattr(torch, t["dtype"]))
+        out[name] = flat.reshape(t["shape"])
+    state = json.loads((folder / "state.json").read_text())
+    out["state.json:adapter"] = state["adapter"]
+    out["state.json:ranks.adapter"] = [r.get("adapter") for r in state["ranks"]]
+    out["scheduler.json"] = json.loads((folder / "scheduler.json").read_text())
+    return out
+
+
+def bitwise_equal(x, y) -> bool:
+    """Same bytes (so -0.0 differs from 0.0 and equal NaNs are equal), same dtype and shape."""
+    import torch
+
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    return torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8))
+
+
+def state_differences(a, b) -> list[str]:
+    """Names whose values (or dtypes, shapes) differ between two checkpoints' logical_state; [] if equal."""
+    import torch
+
+    sa, sb = logical_state(a), logical_state(b)
+    differ = sorted(set(sa) ^ set(sb))
+    for k in sorted(set(sa) & set(sb)):
+        x, y = sa[k], sb[k]
+        if isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or x.shape != y.shape or not bitwise_equal(x, y):
+                differ.append(k)
+        elif x != y:
+            differ.append(k)
+    return differ

@@ -49,6 +49,8 @@ CHECKPOINTS = "checkpoints"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 NAME = re.compile(r"^epoch_(\d{6,})(?:_step_(\d{6,}))?$")
+RUN_CONFIG = "config.yaml"
+"""The run folder's resolved config (each checkpoint also keeps its own copy, CONFIG)."""
 
 # -- files of a checkpoint -------------------------------------------------------------
 MANIFEST = "manifest.json"

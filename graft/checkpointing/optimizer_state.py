@@ -92,8 +92,8 @@ class OptimizerState:
         saved = {layout.split_optim_name(n)[0] for n in available if n.startswith(layout.OPTIM_PREFIX)}
         if saved - mine:
             raise StateMismatch(f"holds optimizer state of parameters this run does not train: "
-                                                f"{sorted(saved - mine)[:5]}",
-                                  "resume with the freezing and optimizer the run was saved with")
+                                f"{sorted(saved - mine)[:5]}",
+                                "resume with the freezing and optimizer the run was saved with")
         if saved:
             init_state(self.optimizer)
         return self.holdings()
@@ -103,13 +103,13 @@ class OptimizerState:
         live = self.optimizer.param_groups
         if len(groups) != len(live):
             raise StateMismatch(f"has {len(groups)} optimizer param groups, this run {len(live)}",
-                                  "resume with the optimizer config the run was saved with")
+                                "resume with the optimizer config the run was saved with")
         for i, (g, saved) in enumerate(zip(live, groups)):
             names = [self.names[id(p)] for p in g["params"]]
             if names != saved["params"]:
                 raise StateMismatch(f"optimizer param group {i} holds {saved['params'][:3]}..., "
-                                                    f"this run's {names[:3]}...",
-                                      "resume with the model, freezing and optimizer the run was saved with")
+                                    f"this run's {names[:3]}...",
+                                    "resume with the model, freezing and optimizer the run was saved with")
             g.update(codec.decode(saved["hyper"], {}))
         by_name = dict(self.params)
         for fqn, other in extra.get("scalars", {}).items():

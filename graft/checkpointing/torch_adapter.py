@@ -54,15 +54,18 @@ class TorchAdapter:
         model = model_holdings(self.module)
         why = _differences({n for n in available if n.startswith(layout.MODEL_PREFIX)}, {h.name for h in model},
                            "weights")
-        if why:
-            raise StateMismatch(f"does not fit the model: {why}",
-                                  "resume with the model config the run was saved with")
+        if not why:
+            wrong = [f"{h.name}: {list(h.shape)} {h.dtype} here, {list(available[h.name][0])} "
+                     f"{available[h.name][1]} saved" for h in model if (h.shape, h.dtype) != tuple(available[h.name])]
+            why = "; ".join(wrong[:3]) or None
+        if why:  # checked before the optimizer state is created: nothing has changed yet
+            raise StateMismatch(f"does not fit the model: {why}", "resume with the model config the run was saved with")
         optim = self.optim.targets(available) if self.optim else []
         why = _differences({n for n in available if n.startswith(layout.OPTIM_PREFIX)}, {h.name for h in optim},
                            "optimizer state")
         if why:
             raise StateMismatch(f"does not fit the optimizer: {why}",
-                                  "resume with the optimizer and freezing the run was saved with")
+                                "resume with the optimizer and freezing the run was saved with")
         return model + optim
 
     def load_extra_state(self, extra: dict) -> None:

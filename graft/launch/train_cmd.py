@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from graft.checkpointing.layout import RUN_CONFIG  # the resolved config the trainer writes into every run folder
 from graft.launch.commands import STRATEGIES, Command, LaunchOptions, build_command, resolve_device
 
-RUN_CONFIG = "config.yaml"  # the resolved config the trainer writes into every run folder
 FSDP_OVERRIDE = "train.strategy=fsdp2"
 
 
@@ -199,13 +199,13 @@ SAVED_STRATEGY = {"single": "ddp", "ddp": "ddp", "fsdp2": "fsdp"}
 
 def saved_launch(run_dir: Path) -> dict | None:
     """train_state.json of the run's newest complete checkpoint (world_size, strategy, zero_stage), if any."""
-    from graft.loading.formats.graft_run import newest_complete
+    from graft.checkpointing import layout
 
     try:
-        folder, _ = newest_complete(run_dir, hashes=False)
+        folder, _ = layout.newest_complete(run_dir, hashes=False)
         if folder is None:
             return None
-        state = json.loads((Path(folder) / "train_state.json").read_text())
+        state = json.loads((Path(folder) / layout.TRAIN_STATE).read_text())
     except (OSError, ValueError):
         return None  # the trainer reports what is wrong with the folder, with more context
     return {**state, "_folder": Path(folder).name} if isinstance(state, dict) else None
@@ -224,8 +224,8 @@ def cmd_resume(args) -> int:
     cfg = _validate_config(config, overrides)
     saved = saved_launch(run_dir)
     if saved:
-        # Same processes and strategy as the run that saved: bit-for-bit continuation needs
-        # them, and DeepSpeed's sharded optimizer state cannot load any other way.
+        # By default the processes and strategy of the run that saved: bit-for-bit continuation
+        # needs them. --nproc / --strategy may differ: the checkpoint is world-size-free.
         world, strategy = saved.get("world_size"), SAVED_STRATEGY.get(saved.get("strategy"))
         if saved.get("strategy") == "deepspeed":
             strategy = {2: "zero2", 3: "zero3"}.get(saved.get("zero_stage"))

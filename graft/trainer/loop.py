@@ -2,14 +2,17 @@
 
 Order of a start (every rank runs it):
 
-    accelerator -> resume decision (rank 0 picks the checkpoint, every rank gets it)
-    -> data -> model from the factory (seeded) -> weights: the run checkpoint on resume,
-    else init.checkpoint through graft.load with freeze -> fully_shard (fsdp2) -> optimizer
-    over graft.param_groups -> accelerator.prepare -> optimizer / schedule / counters from
-    the checkpoint -> extension policy -> RNG states (last: nothing may draw after them)
+    accelerator -> strategy -> resume decision (graft.trainer.resume: rank 0 picks the
+    checkpoint, every rank reads it once) -> data -> model from the factory (seeded) ->
+    freezing (the checkpoint's list on resume, else init.checkpoint through graft.load with
+    freeze) -> fully_shard (fsdp2) -> optimizer over graft.param_groups -> prepare -> on
+    resume: weights and optimizer state into the wrapped model (each rank reads its own
+    ranges), schedule, counters -> extension policy -> RNG states (last: nothing may draw
+    after them)
 
-The data order, the LR and every counter are functions of (seed, epoch, step), so a run
-resumed from any checkpoint repeats the steps of the run that never stopped, bit for bit.
+The data order, the LR and every counter are functions of (seed, epoch, step, global sample),
+so a run resumed at the same world size repeats the steps of the run that never stopped, bit
+for bit; at another world size it continues with the exact saved state at the saved sample.
 """
 
 from __future__ import annotations
@@ -25,20 +28,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader
 
 import graft
 from graft._logging import get_logger, progress
-from graft.config import SAFE_ON_RESUME, RunConfig, diff
+from graft.checkpointing import layout
+from graft.checkpointing.save import save as save_checkpoint
+from graft.config import RunConfig
 from graft.data import build_datasets
-from graft.errors import CheckpointError
-from graft.trainer import checkpoint as ck
+from graft.errors import ConfigError
+from graft.sampler import EpochSampler
+from graft.trainer import resume as resuming
 from graft.trainer.metrics import MetricsWriter
 from graft.trainer.preempt import PreemptFlag
 from graft.trainer.schedule import Schedule
-from graft.trainer.state import EpochBatchSampler, TrainState, capture_rng, restore_rng
-from graft.trainer.strategy import Strategy
+from graft.trainer.state import TrainState, capture_rng, derive_rng, restore_rng
+from graft.trainer.strategy import make_strategy
 
 log = get_logger("graft.trainer")
 
@@ -64,14 +69,14 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     try:
         factory = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"model.factory={cfg.model.factory!r} cannot be imported: {e}") from e
+        raise ConfigError(f"model.factory={cfg.model.factory!r} cannot be imported: {e}") from e
     return factory(**cfg.model.kwargs)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = graft.param_groups(model, weight_decay=cfg.optimizer.weight_decay)
     if not groups:
-        raise ValueError("every parameter is frozen: nothing to train (check init.freeze)")
+        raise ConfigError("every parameter is frozen: nothing to train (check init.freeze)")
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -95,74 +100,18 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None, allow_config_change: bool):
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
-        self.strategy = Strategy(self.acc, cfg.train.strategy)
+        self.strategy = make_strategy(self.acc, cfg.train.strategy)
         self.is_main = self.acc.is_main_process
         self.run_dir = Path(cfg.train.out_dir)
         self.device = self.acc.device
         self.state = TrainState(world_size=self.strategy.world)
         self.summary: dict = {"run_dir": str(self.run_dir), "strategy": self.strategy.kind,
                               "world_size": self.strategy.world, "resumed_from": None, "extension": None}
-        self.ckpt_dir = self._resolve_resume(resume)
-        self.saved_cfg = None
-        if self.ckpt_dir is not None:
-            self.saved_cfg = yaml.safe_load((self.ckpt_dir / ck.CONFIG).read_text())
-            self._check_config(allow_config_change)
+        self.point = resuming.locate(self.strategy, self.run_dir, resume)
+        if self.point is not None:
+            self.summary["config_changes"] = resuming.check_config(self.point, cfg, allow_config_change)
         self.last_saved: Path | None = None
-
-    # -- resume decision ---------------------------------------------------------------
-    def _resolve_resume(self, resume: str | None) -> Path | None:
-        """Rank 0 decides; every rank gets the same answer or the same error."""
-        result: tuple = (None, None)
-        if self.is_main:
-            try:
-                result = (self._pick(resume), None)
-            except (CheckpointError, ValueError, FileNotFoundError) as e:
-                result = (None, e)
-        path, err = self.strategy.broadcast_object(result)
-        if err is not None:
-            raise err
-        return Path(path) if path else None
-
-    def _pick(self, resume: str | None) -> str | None:
-        if resume is None:
-            existing = [p.name for p in ck.candidates(self.run_dir) if (p / ck.MANIFEST).is_file()]
-            if existing:
-                raise ValueError(f"train.out_dir={str(self.run_dir)!r} already holds checkpoints ({existing[0]}, ...): "
-                                 f"continue it with --resume auto, or give a new train.out_dir")
-            return None
-        cleaned = ck.clean_leftovers(self.run_dir)
-        if cleaned:
-            log.warning("removed leftovers of interrupted saves in %s: %s", self.run_dir / ck.CHECKPOINTS, cleaned)
-        if resume == "auto":
-            folder, skipped = ck.find_resume(self.run_dir)
-            for p, why in skipped:
-                log.warning("skipping checkpoint %s: %s", p, why)
-        else:
-            p = Path(resume)
-            if not p.exists():
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint or run folder")
-            if (p / ck.CHECKPOINTS).is_dir() and not (p / ck.MANIFEST).exists():
-                ck.clean_leftovers(p)
-                folder, skipped = ck.find_resume(p)
-                for q, why in skipped:
-                    log.warning("skipping checkpoint %s: %s", q, why)
-            else:
-                folder = ck.check_complete(p)
-        log.info("resuming from %s", folder)
-        return str(folder)
-
-    def _check_config(self, allow: bool) -> None:
-        changed = diff(self.saved_cfg, self.cfg.to_dict())
-        unsafe = {k: v for k, v in changed.items() if k not in SAFE_ON_RESUME}
-        if unsafe:
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
-            if not allow:
-                raise ValueError(
-                    f"the config differs from the checkpoint's ({self.ckpt_dir}) in {lines}. A resumed run may "
-                    f"change only {sorted(SAFE_ON_RESUME)}; pass --allow-config-change (allow_config_change=True) "
-                    f"to resume anyway (the result is no longer the run that never stopped)")
-            log.warning("config changed on resume (allowed): %s", lines)
-        self.summary["config_changes"] = {k: list(v) for k, v in changed.items()}
+        self._rng_to_restore = None
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -172,11 +121,9 @@ class Trainer:
         self.splits = splits
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
-        if self.ckpt_dir is not None:
-            saved = json.loads((self.ckpt_dir / ck.TRAIN_STATE).read_text())
-            self.state = TrainState.from_dict(saved)
-            self._load_weights(model)
-            graft.freeze(model, self.state.frozen)
+        if self.point is not None:
+            self.state = TrainState.from_dict(self.point.train_state)
+            graft.freeze(model, self.state.frozen)  # the weights come after wrapping (restore)
         elif cfg.init.checkpoint:
             i = cfg.init
             report = graft.load(model, i.checkpoint, freeze=i.freeze, rename=[tuple(r) for r in i.rename],
@@ -194,8 +141,8 @@ class Trainer:
         self.model, self.optimizer = self.strategy.prepare(model, optimizer, cfg.data.batch_size)
 
         s = self.strategy
-        self.sampler = EpochBatchSampler(len(splits.train), cfg.data.batch_size, seed=cfg.train.seed,
-                                         rank=s.rank, world_size=s.world)
+        self.sampler = EpochSampler(len(splits.train), cfg.data.batch_size, seed=cfg.train.seed,
+                                    rank=s.rank, world_size=s.world)
         self.loader = DataLoader(splits.train, batch_sampler=self.sampler, num_workers=cfg.data.num_workers)
         full = self.sampler.batches_per_epoch()
         self.steps_per_epoch = min(full, cfg.train.max_steps_per_epoch or full)
@@ -204,55 +151,35 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (self.run_dir / layout.RUN_CONFIG).write_text(cfg.to_yaml())
         self.rank_extra: dict = {"loss_sum": 0.0, "loss_count": 0}
-        if self.ckpt_dir is not None:
-            self._restore_rest()
+        if self.point is not None:
+            self._restore()
 
-    def _load_weights(self, model) -> None:
-        report = graft.load(model, self.ckpt_dir, format="graft", on_mismatch="error", strip_prefixes=False,
-                            verbose=False, progress=False)
-        if report.new or report.mismatched or report.unexpected:
-            raise CheckpointError(self.ckpt_dir, f"does not fit the model: new {report.new[:5]}, mismatched "
-                                                 f"{report.mismatched[:5]}, unexpected {report.unexpected[:5]}",
-                                  "resume with the model config the run was started with")
-
-    def _restore_rest(self) -> None:
-        d, s = self.ckpt_dir, self.strategy
-        saved = json.loads((d / ck.TRAIN_STATE).read_text())
-        layout = saved.get("optimizer_layout", "full")
-        if layout != s.optimizer_layout or (layout == "sharded" and saved["world_size"] != s.world):
-            raise CheckpointError(d, f"holds {layout} optimizer state from {saved['world_size']} processes "
-                                     f"({saved.get('strategy')}), this run is {s.kind} on {s.world}",
-                                  "resume with the same launcher, strategy and number of processes")
-        if layout == "sharded":
-            if saved.get("zero_stage") != s.zero_stage:
-                raise CheckpointError(d, f"was saved at ZeRO stage {saved.get('zero_stage')}, this run uses "
-                                         f"{s.zero_stage}", "resume with the same DeepSpeed config")
-            osd = ck.load_tree(d / "optimizer", f"rank_{s.rank:05d}")
-        else:
-            osd = ck.load_tree(d, "optimizer")
-        s.load_optimizer_state(self.model, self.optimizer, osd)
-        self.schedule.load_state_dict(json.loads((d / ck.SCHEDULE).read_text()))
+    def _restore(self) -> None:
+        p, s, st = self.point, self.strategy, self.state
+        restored = resuming.restore_run(p, s, s.adapter(self.model, self.optimizer))
+        self.schedule.load_state_dict(json.loads((p.folder / layout.SCHEDULE).read_text()))
         self._extend_if_asked()
-        rng_meta = json.loads((d / ck.RNG_META).read_text())
-        if rng_meta["world_size"] != s.world:
-            log.warning("the checkpoint was written by %d processes, this run has %d: RNG states and the data "
-                        "shards differ, so the run continues but not bit for bit", rng_meta["world_size"], s.world)
-        r = s.rank % rng_meta["world_size"]
-        tensors = {k.split("/", 1)[1]: v for k, v in ck.read_safetensors(d / ck.RNG_TENSORS).items()
-                   if k.startswith(f"rank{r}/")}
-        self.rank_extra = dict(rng_meta["ranks"][r].get("extra", self.rank_extra))
-        self._rng_to_restore = (rng_meta["ranks"][r]["rng"], tensors)
-        self.summary["resumed_from"] = str(d)
-        self.state.resumes.append({"from": d.name, "epoch": self.state.epoch, "step": self.state.step})
-        self.metrics.write("resume", epoch=self.state.epoch, step=self.state.step, checkpoint=d.name,
-                           batch_in_epoch=self.state.batch_in_epoch)
-        log.info("resumed at epoch %d, step %d (batch %d of the epoch) from %s", self.state.epoch, self.state.step,
-                 self.state.batch_in_epoch, d)
+        saved_spe = p.train_state.get("steps_per_epoch")
+        if saved_spe is not None and saved_spe != self.steps_per_epoch and self.is_main:
+            log.warning("an epoch takes %d steps at this world size, %d when saved: the LR schedule keeps its saved "
+                        "curve over the global step", self.steps_per_epoch, saved_spe)
+        self.rank_extra.update(restored.counters)
+        self._rng_to_restore = restored.rng
+        self.summary.update(resumed_from=str(p.folder), rng_policy=restored.rng_policy,
+                            resumed_world_size=p.manifest.world_size, resumed_strategy=p.manifest.strategy)
+        st.resumes.append({"from": p.folder.name, "epoch": st.epoch, "step": st.step,
+                           "world_size": p.manifest.world_size, "strategy": p.manifest.strategy})
+        self.metrics.write("resume", epoch=st.epoch, step=st.step, checkpoint=p.folder.name,
+                           batch_in_epoch=st.batch_in_epoch, samples_in_epoch=st.samples_in_epoch,
+                           saved_world_size=p.manifest.world_size, rng_policy=restored.rng_policy)
+        log.info("resumed at epoch %d, step %d (sample %d of the epoch) from %s in %.2fs (%.1f MB read on this rank)",
+                 st.epoch, st.step, st.samples_in_epoch, p.folder, restored.stats.seconds,
+                 restored.stats.bytes_read / 1e6)
 
     def _extend_if_asked(self) -> None:
-        old_epochs = self.saved_cfg["train"]["epochs"]
+        old_epochs = self.point.saved_config["train"]["epochs"]
         new_epochs = self.cfg.train.epochs
         if new_epochs > old_epochs:
             info = self.schedule.extend(self.state.step, new_epochs * self.steps_per_epoch, self.cfg.schedule.on_extend)
@@ -267,37 +194,29 @@ class Trainer:
 
     # -- save --------------------------------------------------------------------------
     def save(self, mid_epoch: bool) -> Path:
+        """Every rank writes what it holds (no gather); rank 0 commits the manifest, then rotates."""
         st, s = self.state, self.strategy
-        name = ck.checkpoint_name(st.epoch, st.step if mid_epoch else None)
-        atomic = ck.AtomicCheckpoint(self.run_dir, name, is_main=self.is_main, barrier=s.barrier)
-        tmp = atomic.begin()
-        weights = s.model_state(self.model)
-        osd = s.optimizer_state(self.model, self.optimizer)
+        name = layout.checkpoint_name(st.epoch, st.step if mid_epoch else None)
         rng_meta, rng_tensors = capture_rng()
-        gathered = s.all_gather_object({"rng": rng_meta, "tensors": rng_tensors, "extra": self.rank_extra})
-        if s.optimizer_layout == "sharded":
-            ck.save_tree(tmp / "optimizer", f"rank_{s.rank:05d}", osd)
+        train_state = {**st.to_dict(), "world_size": s.world, **s.describe(), "steps_per_epoch": self.steps_per_epoch}
+        files = {layout.TRAIN_STATE: train_state, layout.SCHEDULE: self.schedule.state_dict(),
+                 layout.CONFIG: self.cfg.to_yaml().encode()} if self.is_main else None
+        result = save_checkpoint(
+            self.run_dir, name, s.adapter(self.model, self.optimizer), files=files,
+            rank_tensors={layout.rank_name(s.rank, f"{resuming.RNG}/{k}"): v for k, v in rng_tensors.items()},
+            rank_state={resuming.RNG: rng_meta, resuming.COUNTERS: dict(self.rank_extra)},
+            info={"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch,
+                  "samples_in_epoch": st.samples_in_epoch, **s.describe()},
+            keep_last=self.cfg.train.keep_last)
         if self.is_main:
-            ck.write_safetensors(tmp / ck.MODEL, weights, metadata={"format": "pt"})
-            if s.optimizer_layout == "full":
-                ck.save_tree(tmp, "optimizer", osd)
-            ck.write_json(tmp / ck.SCHEDULE, self.schedule.state_dict())
-            ck.write_safetensors(tmp / ck.RNG_TENSORS, {f"rank{r}/{k}": v for r, g in enumerate(gathered)
-                                                        for k, v in g["tensors"].items()})
-            ck.write_json(tmp / ck.RNG_META, {"world_size": s.world,
-                                              "ranks": [{"rng": g["rng"], "extra": g["extra"]} for g in gathered]})
-            ck.write_json(tmp / ck.TRAIN_STATE, {**st.to_dict(), "world_size": s.world, "strategy": s.kind,
-                                                 "optimizer_layout": s.optimizer_layout, "zero_stage": s.zero_stage})
-            ck.write_bytes(tmp / ck.CONFIG, self.cfg.to_yaml().encode())
-        final = atomic.commit({"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch})
-        if self.is_main:
-            deleted = ck.rotate(self.run_dir, self.cfg.train.keep_last, final)
-            if deleted:
-                log.info("keep_last=%s: deleted %s", self.cfg.train.keep_last, deleted)
-        s.barrier()
-        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=name)
-        self.last_saved = final
-        return final
+            log.info("saved %s in %.2fs: %s MB per rank", result.folder, result.seconds,
+                     "/".join(f"{b / 1e6:.1f}" for b in result.bytes_per_rank))
+            if result.deleted:
+                log.info("keep_last=%s: deleted %s", self.cfg.train.keep_last, result.deleted)
+        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=name, seconds=round(result.seconds, 3),
+                           bytes_per_rank=result.bytes_per_rank)
+        self.last_saved = result.folder
+        return result.folder
 
     # -- train / evaluate --------------------------------------------------------------
     @torch.no_grad()
@@ -329,22 +248,26 @@ class Trainer:
     def train(self) -> dict:
         cfg, st, s = self.cfg, self.state, self.strategy
         preempt = PreemptFlag().install()
-        if getattr(self, "_rng_to_restore", None):
+        if self._rng_to_restore is not None:
             restore_rng(*self._rng_to_restore)
+        elif self.point is not None:
+            derive_rng(cfg.train.seed, st.step, s.rank)  # another world size: the "derived" RNG policy
         val_acc = val_loss = None
         preempted = False
         first_epoch = st.epoch
         try:
             self.model.train()
             while st.epoch < cfg.train.epochs and not preempted:
-                self.sampler.set_epoch(st.epoch, st.batch_in_epoch)
-                bar = progress(self.steps_per_epoch, f"epoch {st.epoch + 1}/{cfg.train.epochs}",
-                                              unit="step", enabled=cfg.train.progress and self.is_main)
+                self.sampler.set_epoch(st.epoch, st.samples_in_epoch)
+                # Steps left: the rest of the epoch's samples at this world size, within the cut.
+                todo = min(self.sampler.batches(), max(0, self.steps_per_epoch - st.batch_in_epoch))
+                bar = progress(st.batch_in_epoch + todo, f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+                               unit="step", enabled=cfg.train.progress and self.is_main)
                 bar.update(st.batch_in_epoch)
-                t0, seen = time.perf_counter(), 0
+                t0, seen, taken = time.perf_counter(), 0, 0
                 with bar:
                     for x, y in self.loader:
-                        if st.batch_in_epoch >= self.steps_per_epoch:
+                        if taken >= todo:
                             break
                         x, y = x.to(self.device), y.to(self.device)
                         lr = self.schedule.apply(self.optimizer, st.step)
@@ -356,12 +279,14 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                         st.step += 1
                         st.batch_in_epoch += 1
+                        taken += 1
+                        st.samples_in_epoch = self.sampler.position_after(taken)
                         seen += x.shape[0] * s.world
                         local = loss.detach().float().item()
                         self.rank_extra["loss_sum"] += local
                         self.rank_extra["loss_count"] += 1
                         rate = seen / max(1e-9, time.perf_counter() - t0)
-                        if st.step % cfg.train.log_every == 0 or st.batch_in_epoch == self.steps_per_epoch:
+                        if st.step % cfg.train.log_every == 0 or taken == todo:
                             mean = s.all_reduce_sum(torch.tensor([local], dtype=torch.float64,
                                                                  device=self.device)).item() / s.world
                             self.metrics.write("step", epoch=st.epoch, step=st.step, loss=mean, lr=lr,
@@ -371,7 +296,7 @@ class Trainer:
                         if preempt.should_stop(self.device):
                             preempted = True
                             break
-                if preempted and st.batch_in_epoch < self.steps_per_epoch:
+                if preempted and taken < todo:
                     log.warning("%s received: saving at epoch %d, batch %d (step %d) and stopping", preempt.name,
                                 st.epoch, st.batch_in_epoch, st.step)
                     self.metrics.write("preempt", epoch=st.epoch, step=st.step, signal=preempt.name,
@@ -384,7 +309,7 @@ class Trainer:
                 train_loss = (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan
                 val_acc, val_loss = self.evaluate()
                 st.epoch += 1
-                st.batch_in_epoch = 0
+                st.batch_in_epoch = st.samples_in_epoch = 0
                 self.rank_extra = {"loss_sum": 0.0, "loss_count": 0}
                 self.metrics.write("epoch", epoch=st.epoch, step=st.step, loss=train_loss,
                                    lr=self.schedule.lrs(max(0, st.step - 1))[0], val_accuracy=val_acc,

@@ -1,9 +1,13 @@
-"""The train state: counters, the data order and its position, and every RNG of every rank.
+"""The train state: counters, the position in the data, and every RNG of every rank.
 
-Data order is a pure function of (seed, epoch): `EpochBatchSampler` draws one permutation
-per epoch from a generator seeded with both, gives rank r every world-th sample, and can
-start at any batch. Saving (epoch, batch position) is therefore enough to continue the
-exact same stream of batches; no iterator state needs pickling.
+The data order is a pure function of (seed, epoch) (`graft.sampler.EpochSampler`), so the
+GLOBAL position in the epoch (samples consumed, by any number of ranks) is all a checkpoint
+needs to continue the stream; no iterator state is pickled.
+
+RNG across world sizes: at the world size that saved, every rank gets its own generators back
+exactly (`restore_rng`). At another world size there is no "own" state to give a rank, so each
+rank's generators are seeded afresh from (seed, global step, rank) (`derive_rng`), and the
+trainer logs that it did so: never a silent mix of other ranks' states.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import random
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.data import Sampler
+
 
 @dataclass
 class TrainState:
@@ -23,7 +27,10 @@ class TrainState:
     step: int = 0
     """Optimizer steps taken in the whole run."""
     batch_in_epoch: int = 0
-    """Batches of epoch `epoch` already consumed (non-zero only in a mid-epoch checkpoint)."""
+    """Steps of epoch `epoch` already taken (non-zero only in a mid-epoch checkpoint)."""
+    samples_in_epoch: int = 0
+    """Samples of epoch `epoch` already consumed, by all ranks together: the position in the
+    epoch's order (`graft.sampler.EpochSampler`), valid at any world size."""
     world_size: int = 1
     """Processes of the run that saved this state."""
     frozen: list = field(default_factory=list)
@@ -38,45 +45,6 @@ class TrainState:
     def from_dict(cls, d: dict) -> "TrainState":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of this rank's share of a (seed, epoch) permutation, from batch `start` on.
-
-    Every rank gets the same number of samples (the tail that does not divide by the world
-    size is dropped for this epoch; a different tail is dropped next epoch), so collective
-    ops stay in lockstep.
-    """
-
-    def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
-        if n < world_size:
-            raise ValueError(f"{n} training samples cannot be shared by {world_size} processes")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
-
-    @property
-    def per_rank(self) -> int:
-        return self.n // self.world_size
-
-    def batches_per_epoch(self) -> int:
-        return -(-self.per_rank // self.batch_size)
-
-    def indices(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
-        return perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
-
-    def __iter__(self):
-        mine = self.indices()
-        for b in range(self.start, self.batches_per_epoch()):
-            yield mine[b * self.batch_size : (b + 1) * self.batch_size]
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start
 
 
 # -- RNG -------------------------------------------------------------------------------
@@ -113,3 +81,24 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     cuda = sorted(k for k in tensors if k.startswith("cuda"))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+RNG_POLICY_SAME = "restored"
+RNG_POLICY_DERIVED = "derived"
+
+
+def derive_rng(seed: int, step: int, rank: int) -> int:
+    """Seed python, numpy, torch (and CUDA) of this rank from (seed, global step, rank); returns the seed."""
+    import hashlib
+
+    digest = hashlib.sha256(f"graft-rng|{seed}|{step}|{rank}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little") % (2**63)
+    random.seed(derived)
+    torch.manual_seed(derived)  # also every CUDA device
+    try:
+        import numpy as np
+
+        np.random.seed(derived % 2**32)
+    except ImportError:
+        pass
+    return derived

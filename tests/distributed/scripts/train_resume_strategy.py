@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (run_help
 import torch.distributed as dist  # noqa: E402
 
 from graft.trainer import run  # noqa: E402
-from run_helpers import state_hashes, step_lines, tiny_config  # noqa: E402
+from run_helpers import state_differences, step_lines, tiny_config  # noqa: E402
 
 out, extra = Path(sys.argv[1]), sys.argv[2:]
 straight = run(tiny_config(out / "straight", "train.epochs=4", *extra))
@@ -27,8 +27,10 @@ if dist.get_rank() == 0:
     ckpts = {}
     for e in (2, 3, 4):
         name = f"checkpoints/epoch_{e:06d}"
-        ha, hb = state_hashes(out / "straight" / name), state_hashes(out / "resumed" / name)
-        ckpts[name] = {"equal": ha == hb, "files": sorted(ha), "differ": sorted(k for k in ha if ha[k] != hb.get(k))}
+        differ = state_differences(out / "straight" / name, out / "resumed" / name)
+        manifest = json.loads((out / "resumed" / name / "manifest.json").read_text())
+        ckpts[name] = {"equal": not differ, "differ": differ, "files": sorted(manifest["files"]),
+                       "tensors": sorted(manifest["tensors"])}
     result = {
         "strategy": straight["strategy"], "world_size": straight["world_size"],
         "first_epochs": first["epochs_done"], "resumed_from": second["resumed_from"],
