@@ -12,6 +12,7 @@ Uneven shards (dim 0 not divisible by the world size) are just shorter ranges, p
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -20,11 +21,10 @@ from graft.checkpointing.slices import Holding, whole
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    # No DTensor exists unless its module was imported (by FSDP2, TP...); importing it just to ask
+    # costs seconds (sympy), paid by every one-process and DDP save otherwise.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def tensor_holding(name: str, t: torch.Tensor) -> Holding:

@@ -142,57 +142,96 @@ def test_sigterm_mid_epoch_then_resume_equals_never_stopped(tmp_path):
 
 # -- kill -9 during saves ----------------------------------------------------------------
 
-def _save_forever(run_dir: str, conn) -> None:
-    """Child: commit checkpoints back to back (the real writer, rotation included), report each."""
-    from graft.trainer import checkpoint as ck
+KILL_WORLD = 3
+
+
+class _Synthetic(torch.nn.Module):
+    """Weights that are a function of the checkpoint number: what a resume finds can be checked."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(n)
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(256, 256, generator=g)) for _ in range(6)])
+        self.register_buffer("n", torch.tensor(n))
+
+
+def _save_forever(run_dir: str, store: str, rank: int, conn) -> None:
+    """Child rank: commit sharded checkpoints back to back (the real save, rotation included);
+    rank 0 reports each commit."""
+    import torch.distributed as dist
+
+    from graft.checkpointing import layout
+    from graft.checkpointing.save import save
+    from graft.checkpointing.torch_adapter import TorchAdapter
 
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, KILL_WORLD), rank=rank, world_size=KILL_WORLD)
+    dist.barrier()  # connections up before the clock starts
+    conn.send("ready")
     n = int(conn.recv())
     while True:
         n += 1
-        atomic = ck.AtomicCheckpoint(run_dir, ck.checkpoint_name(n), is_main=True)
-        tmp = atomic.begin()
-        g = torch.Generator().manual_seed(n)
-        ck.write_safetensors(tmp / ck.MODEL, {f"w{i}": torch.randn(256, 256, generator=g) for i in range(8)})
-        ck.save_tree(tmp, "optimizer", {"state": {"w0": {"step": torch.tensor(float(n))}}, "param_groups": []})
-        ck.write_json(tmp / ck.TRAIN_STATE, {"epoch": n})
-        final = atomic.commit({"epoch": n, "step": n})
-        ck.rotate(run_dir, 2, final)
-        conn.send(n)
+        files = {layout.TRAIN_STATE: {"epoch": n}} if rank == 0 else None
+        save(run_dir, layout.checkpoint_name(n), TorchAdapter(_Synthetic(n), None, "ddp"), files=files,
+             rank_tensors={layout.rank_name(rank, "x"): torch.full((1000,), float(rank))}, keep_last=2)
+        if rank == 0:
+            conn.send(n)
 
 
-def test_kill_9_during_saves_never_loses_a_complete_checkpoint(tmp_path):
-    from graft.trainer import checkpoint as ck
+def test_kill_9_during_sharded_saves_never_loses_a_complete_checkpoint(tmp_path):
+    """3 ranks save back to back; all are killed at a random moment (one first, then the others,
+    so ranks die at different points of the save). Resume must find the newest committed
+    checkpoint, complete: every rank's shard there and every logical tensor right."""
+    from graft.checkpointing import layout, save  # noqa: F401 - imported once here, not in every child
+    from graft.checkpointing.atomic import clean_leftovers
+    from graft.checkpointing.restore import read_logical
+    from graft.checkpointing.torch_adapter import TorchAdapter  # noqa: F401
+
+    layout.new_hasher()  # the hash module imported here too
 
     ctx = multiprocessing.get_context("fork")
     rnd = random.Random(1234)
-    run_dir = str(tmp_path)
+    run_dir = str(tmp_path / "run")
     last_committed = 0
     trials, leftovers, started = 0, 0, time.time()
-    while trials < 24 and time.time() - started < 90:
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_save_forever, args=(run_dir, child), daemon=True)
-        p.start()
-        parent.send(last_committed)
-        time.sleep(rnd.uniform(0.02, 0.5))
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-        while parent.poll():
-            last_committed = parent.recv()
+    while trials < 24 and time.time() - started < 150:
+        pipes = [ctx.Pipe() for _ in range(KILL_WORLD)]
+        store = str(tmp_path / f"store{trials}")
+        procs = [ctx.Process(target=_save_forever, args=(run_dir, store, r, pipes[r][1]), daemon=True)
+                 for r in range(KILL_WORLD)]
+        for p in procs:
+            p.start()
+        for parent, _ in pipes:  # the group is up: from here on the ranks only save
+            assert parent.poll(60) and parent.recv() == "ready"
+        for parent, _ in pipes:
+            parent.send(last_committed)
+        time.sleep(rnd.uniform(0.02, 0.4))
+        order = rnd.sample(procs, KILL_WORLD)
+        os.kill(order[0].pid, signal.SIGKILL)
+        time.sleep(rnd.uniform(0, 0.05))
+        for p in order[1:]:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.join(10)
+        while pipes[0][0].poll():
+            last_committed = pipes[0][0].recv()
         trials += 1
         # What resume-auto does: clean leftovers, pick the newest complete checkpoint.
-        leftovers += bool(ck.clean_leftovers(run_dir))
+        leftovers += bool(clean_leftovers(run_dir))
         if last_committed == 0:
             continue
-        folder, skipped = ck.find_resume(run_dir)
-        epoch = json.loads((folder / "train_state.json").read_text())["epoch"]
+        folder, skipped = layout.newest_complete(run_dir, hashes=True)
+        assert folder is not None, skipped
+        m = layout.read_manifest(folder)
+        epoch = int(folder.name.split("_")[1])
         assert epoch >= last_committed, (trials, epoch, last_committed, skipped)
-        from safetensors.torch import load_file
-
-        w = load_file(str(folder / ck.MODEL))
-        g = torch.Generator().manual_seed(epoch)
-        assert torch.equal(w["w0"], torch.randn(256, 256, generator=g))
-        assert not [q for q in (tmp_path / "checkpoints").iterdir() if q.name.startswith(".")]
+        assert m.world_size == KILL_WORLD and all((folder / layout.shard_file(r)).is_file() for r in range(KILL_WORLD))
+        want = _Synthetic(epoch).state_dict()
+        for fqn, t in want.items():
+            assert torch.equal(read_logical(m, layout.model_name(fqn)), t), (folder.name, fqn)
+        for r in range(KILL_WORLD):
+            assert torch.equal(read_logical(m, layout.rank_name(r, "x")), torch.full((1000,), float(r)))
+        assert not [q for q in (tmp_path / "run" / "checkpoints").iterdir() if q.name.startswith(".")]
         last_committed = epoch
     assert trials >= 20, f"only {trials} trials in the time bound"
     assert last_committed > 0
