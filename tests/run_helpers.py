@@ -68,7 +68,9 @@ def logical_state(folder) -> dict:
         out[name] = flat.reshape(t["shape"])
     state = json.loads((folder / "state.json").read_text())
     out["state.json:adapter"] = state["adapter"]
-    out["state.json:ranks.adapter"] = [r.get("adapter") for r in state["ranks"]]
+    engine = [r["adapter"] for r in state["ranks"] if r.get("adapter") is not None]
+    if engine:
+        out["state.json:ranks.adapter"] = engine
     out["scheduler.json"] = json.loads((folder / "scheduler.json").read_text())
     return out
 

@@ -159,7 +159,8 @@ class Trainer:
     def _restore(self) -> None:
         p, s, st = self.point, self.strategy, self.state
         restored = resuming.restore_run(p, s, s.adapter(self.model, self.optimizer))
-        self.schedule.load_state_dict(json.loads((p.folder / layout.SCHEDULE).read_text()))
+        self.schedule.load_state_dict(json.loads((p.folder / layout.SCHEDULE).read_text()),
+                                      same_steps_per_epoch=p.manifest.world_size == s.world)
         self._extend_if_asked()
         saved_spe = p.train_state.get("steps_per_epoch")
         if saved_spe is not None and saved_spe != self.steps_per_epoch and self.is_main:
