@@ -75,10 +75,14 @@ def fsync_dir(path: str | Path) -> None:
 def write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        e.filename = e.filename or str(path)  # write/fsync errors (ENOSPC) name no file: say which
+        raise
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -2,7 +2,8 @@
 
 Order of a start (every rank runs it):
 
-    accelerator -> resume decision (rank 0 picks the checkpoint, every rank gets it)
+    accelerator -> the run folder (rank 0: writable probe, then the lock, held to the end)
+    -> resume decision (rank 0 picks the checkpoint, every rank gets it)
     -> data -> model from the factory (seeded) -> weights: the run checkpoint on resume,
     else init.checkpoint through graft.load with freeze -> fully_shard (fsdp2) -> optimizer
     over graft.param_groups -> accelerator.prepare -> optimizer / schedule / counters from
@@ -30,9 +31,11 @@ from torch.utils.data import DataLoader
 
 import graft
 from graft._logging import get_logger, progress
+from graft.checkpointing import faults
+from graft.checkpointing.lock import RunDirLock
 from graft.config import SAFE_ON_RESUME, RunConfig, diff
 from graft.data import build_datasets
-from graft.errors import CheckpointError
+from graft.errors import CheckpointError, ConfigError, GraftError
 from graft.trainer import checkpoint as ck
 from graft.trainer.metrics import MetricsWriter
 from graft.trainer.preempt import PreemptFlag
@@ -64,14 +67,14 @@ def build_model(cfg: RunConfig) -> torch.nn.Module:
     try:
         factory = getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"model.factory={cfg.model.factory!r} cannot be imported: {e}") from e
+        raise ConfigError(f"model.factory={cfg.model.factory!r} cannot be imported: {e}") from e
     return factory(**cfg.model.kwargs)
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     groups = graft.param_groups(model, weight_decay=cfg.optimizer.weight_decay)
     if not groups:
-        raise ValueError("every parameter is frozen: nothing to train (check init.freeze)")
+        raise ConfigError("every parameter is frozen: nothing to train (check init.freeze)")
     o = cfg.optimizer
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
@@ -102,32 +105,57 @@ class Trainer:
         self.state = TrainState(world_size=self.strategy.world)
         self.summary: dict = {"run_dir": str(self.run_dir), "strategy": self.strategy.kind,
                               "world_size": self.strategy.world, "resumed_from": None, "extension": None}
-        self.ckpt_dir = self._resolve_resume(resume)
-        self.saved_cfg = None
-        if self.ckpt_dir is not None:
-            self.saved_cfg = yaml.safe_load((self.ckpt_dir / ck.CONFIG).read_text())
-            self._check_config(allow_config_change)
+        self.lock: RunDirLock | None = None
+        try:
+            self.ckpt_dir = self._resolve_resume(resume)
+            self.saved_cfg = None
+            if self.ckpt_dir is not None:
+                self.saved_cfg = yaml.safe_load((self.ckpt_dir / ck.CONFIG).read_text())
+                self._check_config(allow_config_change)
+        except BaseException:
+            self.close()
+            raise
         self.last_saved: Path | None = None
+
+    def close(self) -> None:
+        """Release the run folder (rank 0's lock). Idempotent."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- resume decision ---------------------------------------------------------------
     def _resolve_resume(self, resume: str | None) -> Path | None:
-        """Rank 0 decides; every rank gets the same answer or the same error."""
+        """Rank 0 claims the run folder and decides; every rank gets the same answer or the same error."""
         result: tuple = (None, None)
         if self.is_main:
             try:
+                self._claim_run_dir()
                 result = (self._pick(resume), None)
-            except (CheckpointError, ValueError, FileNotFoundError) as e:
+            except (GraftError, ValueError, OSError) as e:
                 result = (None, e)
         path, err = self.strategy.broadcast_object(result)
         if err is not None:
             raise err
         return Path(path) if path else None
 
+    def _claim_run_dir(self) -> None:
+        """Fail now, before any step, if the run folder cannot hold checkpoints or another trainer uses it.
+        Only rank 0 locks: the other ranks of this job share its lock; another job's rank 0 is refused."""
+        faults.check_writable(self.run_dir)
+        try:
+            self.lock = RunDirLock(self.run_dir).acquire()
+        except OSError as e:
+            err = faults.explain(e, self.run_dir, "taking the lock")
+            if err is None:
+                raise
+            raise err from e
+        log.info("locked %s (%s)", self.lock.path, self.lock.mode)
+
     def _pick(self, resume: str | None) -> str | None:
         if resume is None:
             existing = [p.name for p in ck.candidates(self.run_dir) if (p / ck.MANIFEST).is_file()]
             if existing:
-                raise ValueError(f"train.out_dir={str(self.run_dir)!r} already holds checkpoints ({existing[0]}, ...): "
+                raise ConfigError(f"train.out_dir={str(self.run_dir)!r} already holds checkpoints ({existing[0]}, ...): "
                                  f"continue it with --resume auto, or give a new train.out_dir")
             return None
         cleaned = ck.clean_leftovers(self.run_dir)
@@ -140,9 +168,10 @@ class Trainer:
         else:
             p = Path(resume)
             if not p.exists():
-                raise FileNotFoundError(f"--resume {resume}: no such checkpoint or run folder")
+                raise CheckpointError(p, "no such checkpoint or run folder (--resume)",
+                                      "pass --resume auto, a run folder or one of its checkpoints/epoch_* folders")
             if (p / ck.CHECKPOINTS).is_dir() and not (p / ck.MANIFEST).exists():
-                ck.clean_leftovers(p)
+                # Another run's folder is read, never cleaned: its trainer may be writing there now.
                 folder, skipped = ck.find_resume(p)
                 for q, why in skipped:
                     log.warning("skipping checkpoint %s: %s", q, why)
@@ -157,7 +186,7 @@ class Trainer:
         if unsafe:
             lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
             if not allow:
-                raise ValueError(
+                raise ConfigError(
                     f"the config differs from the checkpoint's ({self.ckpt_dir}) in {lines}. A resumed run may "
                     f"change only {sorted(SAFE_ON_RESUME)}; pass --allow-config-change (allow_config_change=True) "
                     f"to resume anyway (the result is no longer the run that never stopped)")
@@ -203,15 +232,17 @@ class Trainer:
                                  cfg.train.epochs * self.steps_per_epoch)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            with faults.explained(self.run_dir, ck.CONFIG):
+                ck.write_bytes(self.run_dir / ck.CONFIG, cfg.to_yaml().encode())
         self.rank_extra: dict = {"loss_sum": 0.0, "loss_count": 0}
         if self.ckpt_dir is not None:
             self._restore_rest()
 
     def _load_weights(self, model) -> None:
+        # verify="sizes": rank 0 checked every hash of this folder when it picked it (find_resume,
+        # check_complete) a moment ago; hashing it again would double the cost of a resume.
         report = graft.load(model, self.ckpt_dir, format="graft", on_mismatch="error", strip_prefixes=False,
-                            verbose=False, progress=False)
+                            verbose=False, progress=False, verify="sizes")
         if report.new or report.mismatched or report.unexpected:
             raise CheckpointError(self.ckpt_dir, f"does not fit the model: new {report.new[:5]}, mismatched "
                                                  f"{report.mismatched[:5]}, unexpected {report.unexpected[:5]}",
@@ -270,11 +301,45 @@ class Trainer:
         st, s = self.state, self.strategy
         name = ck.checkpoint_name(st.epoch, st.step if mid_epoch else None)
         atomic = ck.AtomicCheckpoint(self.run_dir, name, is_main=self.is_main, barrier=s.barrier)
-        tmp = atomic.begin()
+        try:
+            tmp = atomic.begin()
+        except OSError as e:  # rank 0 alone makes the folder
+            raise self._save_failed(atomic, e)
         weights = s.model_state(self.model)
         osd = s.optimizer_state(self.model, self.optimizer)
         rng_meta, rng_tensors = capture_rng()
         gathered = s.all_gather_object({"rng": rng_meta, "tensors": rng_tensors, "extra": self.rank_extra})
+        own = None
+        try:
+            self._write_files(tmp, weights, osd, gathered)
+        except OSError as e:
+            own = e
+        # Every rank learns whether any rank failed to write, so all stop with the same error
+        # (instead of the others waiting at the commit's barrier for a rank that is gone).
+        failures = [f for f in s.all_gather_object(own and faults.describe_failure(own, s.rank)) if f]
+        if failures:
+            raise self._save_failed(atomic, own, failures[0])
+        try:
+            final = atomic.commit({"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch})
+        except OSError as e:  # rank 0 alone commits (manifest, fsync, rename)
+            raise self._save_failed(atomic, e)
+        if self.is_main:
+            deleted = ck.rotate(self.run_dir, self.cfg.train.keep_last, final)
+            if deleted:
+                log.info("keep_last=%s: deleted %s", self.cfg.train.keep_last, deleted)
+        s.barrier()
+        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=name)
+        self.last_saved = final
+        return final
+
+    def _save_failed(self, atomic: ck.AtomicCheckpoint, own: OSError | None, failure: dict | None = None) -> Exception:
+        """The error a failed save raises on this rank (`own`: its OSError, if it had one); rank 0
+        removes the temporary folder."""
+        failure = failure or faults.describe_failure(own, self.strategy.rank)
+        return faults.save_failed(self.run_dir, atomic.tmp, failure, remove=self.is_main, own=own)
+
+    def _write_files(self, tmp: Path, weights: dict, osd: dict, gathered: list) -> None:
+        st, s = self.state, self.strategy
         if s.optimizer_layout == "sharded":
             ck.save_tree(tmp / "optimizer", f"rank_{s.rank:05d}", osd)
         if self.is_main:
@@ -289,15 +354,6 @@ class Trainer:
             ck.write_json(tmp / ck.TRAIN_STATE, {**st.to_dict(), "world_size": s.world, "strategy": s.kind,
                                                  "optimizer_layout": s.optimizer_layout, "zero_stage": s.zero_stage})
             ck.write_bytes(tmp / ck.CONFIG, self.cfg.to_yaml().encode())
-        final = atomic.commit({"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch})
-        if self.is_main:
-            deleted = ck.rotate(self.run_dir, self.cfg.train.keep_last, final)
-            if deleted:
-                log.info("keep_last=%s: deleted %s", self.cfg.train.keep_last, deleted)
-        s.barrier()
-        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=name)
-        self.last_saved = final
-        return final
 
     # -- train / evaluate --------------------------------------------------------------
     @torch.no_grad()
@@ -421,7 +477,10 @@ def run(config: RunConfig, resume: str | None = None, *, allow_config_change: bo
     "val_loss", "preempted", "checkpoint", "resumed_from", "extension", "frozen", ...}.
     """
     trainer = Trainer(config, resume, allow_config_change)
-    trainer.setup()
-    summary = trainer.train()
-    trainer.strategy.barrier()
+    try:
+        trainer.setup()
+        summary = trainer.train()
+        trainer.strategy.barrier()
+    finally:
+        trainer.close()
     return summary

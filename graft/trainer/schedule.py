@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 from graft.config import EXTEND_POLICIES, ScheduleConfig
+from graft.errors import ConfigError
 
 
 class Schedule:
@@ -78,7 +79,7 @@ class Schedule:
     def extend(self, at_step: int, new_total: int, policy: str) -> dict:
         """Append the phase that `policy` gives a run extended at `at_step` to `new_total` steps."""
         if policy not in EXTEND_POLICIES:
-            raise ValueError(f"schedule.on_extend={policy!r}; use one of {list(EXTEND_POLICIES)}")
+            raise ConfigError(f"schedule.on_extend={policy!r}; use one of {list(EXTEND_POLICIES)}")
         last = self.phases[-1]
         if policy == "continue":
             ph = {"start": at_step, "curve_start": last["curve_start"], "curve_end": last["curve_end"]}
@@ -99,7 +100,7 @@ class Schedule:
 
     def load_state_dict(self, state: dict) -> None:
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"the checkpoint's schedule has {state['steps_per_epoch']} steps per epoch, this run "
+            raise ConfigError(f"the checkpoint's schedule has {state['steps_per_epoch']} steps per epoch, this run "
                              f"{self.steps_per_epoch}: the data or batch size changed")
         self.base_lrs = [float(x) for x in state["base_lrs"]]
         self.phases = [dict(p) for p in state["phases"]]

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import Sampler
 
+from graft.errors import ConfigError
+
+
 @dataclass
 class TrainState:
     """Counters of a run; `epoch` counts completed epochs, `batch_in_epoch` the batches of the next one."""
@@ -50,7 +53,7 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     def __init__(self, n: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1):
         if n < world_size:
-            raise ValueError(f"{n} training samples cannot be shared by {world_size} processes")
+            raise ConfigError(f"{n} training samples cannot be shared by {world_size} processes")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0

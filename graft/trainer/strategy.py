@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from graft._logging import get_logger
+from graft.errors import ConfigError
 
 log = get_logger(__name__)
 
@@ -61,7 +62,7 @@ class Strategy:
         if requested == "fsdp2":
             self.kind = "fsdp2"
             if dt == DistributedType.DEEPSPEED:
-                raise ValueError("train.strategy=fsdp2 under a DeepSpeed launch: pick one (train.strategy=auto "
+                raise ConfigError("train.strategy=fsdp2 under a DeepSpeed launch: pick one (train.strategy=auto "
                                  "for DeepSpeed, or launch without --use_deepspeed)")
         elif dt == DistributedType.DEEPSPEED:
             self.kind = "deepspeed"

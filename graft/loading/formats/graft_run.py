@@ -7,8 +7,13 @@
                             the checkpoint complete
 
 The layout helpers live here, beside the reader, so the trainer (which writes these
-folders) and `graft.open` (which reads them) agree on one definition of "complete".
-Opening checks sizes only; the trainer's resume also checks every hash.
+folders) and `graft.open` (which reads them) agree on one definition of "complete":
+`problem()` (manifest, then every file's size, then every file's sha256), and for a run
+folder `newest_complete()` (the newest checkpoint without a problem; newer ones are skipped,
+each with its reason). `--resume auto` and `graft.open(RUN_DIR)` both use them with every
+hash checked, so both pick the same checkpoint. `graft.open(path, verify="sizes")` is the
+documented cheaper check (no data read: a same-size corruption goes unnoticed); `info()`
+says which check was made ("verified") and what was skipped.
 """
 
 from __future__ import annotations
@@ -16,11 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from pathlib import Path
 
+from graft._logging import get_logger
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
 from graft.loading.formats.safetensors_file import SafetensorsFile
+
+log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 MODEL = "model.safetensors"
@@ -29,6 +38,9 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 MANIFEST_FORMAT = "graft-run-checkpoint"
 NAME = re.compile(r"^epoch_(\d{6,})(?:_step_(\d{6,}))?$")
+VERIFY = ("sha256", "sizes")
+"""What makes a run checkpoint complete for `graft.open(..., verify=)`: "sha256" (the default, the
+rule resume uses: manifest, sizes and every file's hash) or "sizes" (manifest and sizes only)."""
 
 
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
@@ -118,8 +130,9 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / CHECKPOINTS).is_dir()
 
 
-def resolve(path: str | Path, hashes: bool = False) -> Path:
-    """The checkpoint folder `path` names: itself, or a run folder's newest complete checkpoint."""
+def resolve(path: str | Path, hashes: bool = True) -> tuple[Path, list[tuple[Path, str]]]:
+    """The checkpoint folder `path` names (itself, or a run folder's newest complete checkpoint)
+    and the newer folders of the run skipped on the way, each with why."""
     path = Path(path)
     if is_run_dir(path) and not (path / MANIFEST).exists():
         folder, skipped = newest_complete(path, hashes=hashes)
@@ -127,15 +140,20 @@ def resolve(path: str | Path, hashes: bool = False) -> Path:
             detail = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "no checkpoint folders"
             raise CheckpointError(path, f"holds no complete run checkpoint ({detail})",
                                   "train until a checkpoint is saved, or point at a checkpoint file")
-        return folder
+        return folder, skipped
     why = problem(path, hashes=hashes)
     if why is not None:
         raise CheckpointError(path, f"is not a complete run checkpoint: {why}",
                               "use an older checkpoint of the run, or the run folder (its newest complete one)")
-    return path
+    return path, []
 
 
 class GraftRun(Checkpoint):
+    """A run checkpoint, checked before use as `--resume auto` checks it (option verify="sha256",
+    the default) or by manifest and sizes only (verify="sizes"). A run folder gives its newest
+    complete checkpoint, newer broken ones skipped with a warning; a named checkpoint folder that
+    fails the check is refused."""
+
     format = "graft"
     describes = "a graft run checkpoint folder (manifest.json + model.safetensors) or a run folder"
 
@@ -145,7 +163,15 @@ class GraftRun(Checkpoint):
 
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
-        self.folder = resolve(self.path)
+        self.verify = (options.extra if options else {}).get("verify", "sha256")
+        if self.verify not in VERIFY:
+            raise CheckpointError(self.path, f"verify={self.verify!r} is not a run-checkpoint check",
+                                  f"use one of {list(VERIFY)}")
+        started = time.perf_counter()
+        self.folder, self.skipped = resolve(self.path, hashes=self.verify == "sha256")
+        self.verify_seconds = time.perf_counter() - started
+        for folder, why in self.skipped:
+            log.warning("skipping checkpoint %s: %s (as --resume auto does)", folder, why)
         self.manifest = read_manifest(self.folder)
         self._weights = SafetensorsFile(self.folder / MODEL, options)
         self.source = str(self.folder.relative_to(self.path)) if self.folder != self.path else MODEL
@@ -161,4 +187,6 @@ class GraftRun(Checkpoint):
 
     def info(self) -> dict:
         return {**super().info(), "checkpoint": str(self.folder), "epoch": self.manifest.get("epoch"),
-                "step": self.manifest.get("step")}
+                "step": self.manifest.get("step"), "verified": self.verify,
+                "verify_seconds": round(self.verify_seconds, 3),
+                "skipped": {p.name: why for p, why in self.skipped}}
