@@ -12,6 +12,7 @@ processes for everything that prints or exits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+import graft
+from graft.checkpointing import faults
 from graft.checkpointing.lock import LOCK_FILE
 from graft.loading.formats.graft_run import candidates, problem
 from graft.trainer import run
@@ -116,6 +119,40 @@ def test_disk_full_during_a_save_via_graft_train(base_run, tmp_path):
         assert assert_all_complete(out) == ["epoch_000003", "epoch_000002", "epoch_000001"]
 
 
+def test_disk_full_at_the_manifest_keeps_the_previous_checkpoint(tmp_path):
+    """The commit's own writes (manifest.json, written last) hit the full disk: the same one-line
+    error, naming the manifest; the previous checkpoint stays complete. The real writer, on a tmpfs
+    filled up to its last byte once the checkpoint's files are in."""
+    import torch
+
+    from graft.trainer import checkpoint as ck
+
+    def files(tmp, value):
+        ck.write_safetensors(tmp / ck.MODEL, {"w": torch.full((64, 64), value)})
+        ck.write_json(tmp / ck.TRAIN_STATE, {"epoch": int(value)})
+
+    with tmpfs(tmp_path / "small", "1m") as mnt:
+        first = ck.AtomicCheckpoint(mnt, "epoch_000001", is_main=True)
+        files(first.begin(), 1.0)
+        first.commit({"epoch": 1, "step": 1})
+        second = ck.AtomicCheckpoint(mnt, "epoch_000002", is_main=True)
+        files(second.begin(), 2.0)
+        with open(mnt / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        with pytest.raises(OSError) as caught:
+            second.commit({"epoch": 2, "step": 2})
+        assert caught.value.errno == errno.ENOSPC
+        err = faults.save_failed(mnt, second.tmp, faults.describe_failure(caught.value), remove=True,
+                                 own=caught.value)
+        assert isinstance(err, graft.StorageError), err
+        text = str(err)
+        assert text.startswith(f"{mnt}: disk full while saving checkpoint epoch_000002 (writing manifest.json)")
+        assert "epoch_000001 is intact, .tmp-epoch_000002 removed" in text and "\n" not in text
+        (mnt / "filler").unlink()
+        assert assert_all_complete(mnt) == ["epoch_000001"]
+
+
 # -- unwritable out_dir ----------------------------------------------------------------------------
 
 def test_out_dir_under_a_regular_file(tmp_path):
@@ -192,17 +229,20 @@ def test_second_trainer_refuses_while_the_first_runs_and_kill_9_frees_the_lock(t
         # Held still while the others try: the refusal then never depends on how fast this machine is.
         # A stopped process keeps its lock like a running one.
         first.send_signal(signal.SIGSTOP)
+        # `graft train` refuses too, before starting any launcher (run beside the second trainer).
+        (tmp_path / "run.yaml").write_text("{}\n")
+        cli = subprocess.Popen([str(BIN / "graft"), "train", "--config", str(tmp_path / "run.yaml"), "--nproc", "1",
+                                "--device", "cpu", *tiny_overrides(out)], env=launch.child_env(), cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         second = train_py(out, "train.epochs=3", "train.seed=11")
         line = one_error_line(second)
         assert f"error: {out}: is in use by another trainer: pid {first.pid} on host {owner['host']}" in line, line
         assert f"started {owner['started']}" in line and "train.py" in line, line
         assert "way out: wait for that run to finish or stop it, or give this run another train.out_dir" in line
-        # `graft train` refuses too, before starting any launcher.
-        (tmp_path / "run.yaml").write_text("{}\n")
-        cli = launch.run([str(BIN / "graft"), "train", "--config", str(tmp_path / "run.yaml"), "--nproc", "1",
-                          "--device", "cpu", *tiny_overrides(out)], check=False, timeout=120)
-        cli_line = one_error_line(cli, "graft: error: ")
-        assert f"is in use by another trainer: pid {first.pid}" in cli_line and "$ " not in cli.stdout, cli.stdout
+        cli_out, cli_err = cli.communicate(timeout=120)
+        cli_line = one_error_line(subprocess.CompletedProcess(cli.args, cli.returncode, cli_out, cli_err),
+                                  "graft: error: ")
+        assert f"is in use by another trainer: pid {first.pid}" in cli_line and "$ " not in cli_out, cli_out
         first.send_signal(signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=240)
     finally:
