@@ -73,7 +73,9 @@ def _report(e: Exception) -> None:
     from graft.launch.commands import ENV_ERROR_FILE
 
     message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One write: ranks share stderr, and print() writes the newline separately.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     path = os.environ.get(ENV_ERROR_FILE)
     if path:
         try:

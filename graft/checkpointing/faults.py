@@ -153,7 +153,7 @@ def save_failed(run_dir: str | os.PathLike, tmp: Path, failure: dict, *, remove:
     stays what it was: `own` with its traceback, or an OSError naming the rank that failed."""
     run_dir = Path(run_dir)
     if remove:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # best effort: a full disk gets its space back
     e = own or OSError(failure["errno"], f"rank {failure['rank']} could not write the checkpoint: "
                                          f"{failure['strerror']}", failure["filename"])
     file = Path(failure["filename"]).name if failure["filename"] else None
@@ -167,7 +167,7 @@ def save_failed(run_dir: str | os.PathLike, tmp: Path, failure: dict, *, remove:
         return e
     newest = next((p.name for p in candidates(run_dir) if (p / MANIFEST).is_file()), None)
     kept = f"; the newest complete checkpoint {newest} is intact" if newest else "; no checkpoint was completed yet"
-    removed = f"{tmp.name} removed" if remove and not tmp.exists() else f"{tmp.name} left (removed by the next resume)"
+    removed = f"{tmp.name} left (removed by the next resume)" if tmp.exists() else f"{tmp.name} removed"
     out = StorageError(run_dir, f"{err.problem}{kept}, {removed}", err.way_out + "; then continue with --resume auto")
     out.__cause__ = own
     return out

@@ -240,6 +240,8 @@ def saved_launch(run_dir: Path) -> dict | None:
     from graft.loading.formats.graft_run import newest_complete
 
     try:
+        # Sizes only: this picks the launch shape (a hint); the trainer picks the checkpoint itself,
+        # hashes checked, and refuses one that does not fit the processes it was started with.
         folder, _ = newest_complete(run_dir, hashes=False)
         if folder is None:
             return None

@@ -318,7 +318,7 @@ class Trainer:
         # (instead of the others waiting at the commit's barrier for a rank that is gone).
         failures = [f for f in s.all_gather_object(own and faults.describe_failure(own, s.rank)) if f]
         if failures:
-            raise self._save_failed(atomic, own, failures[0])
+            raise self._save_failed(atomic, own, failures[0], agreed=True)
         try:
             final = atomic.commit({"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch})
         except OSError as e:  # rank 0 alone commits (manifest, fsync, rename)
@@ -332,11 +332,20 @@ class Trainer:
         self.last_saved = final
         return final
 
-    def _save_failed(self, atomic: ck.AtomicCheckpoint, own: OSError | None, failure: dict | None = None) -> Exception:
+    def _save_failed(self, atomic: ck.AtomicCheckpoint, own: OSError | None, failure: dict | None = None,
+                     agreed: bool = False) -> Exception:
         """The error a failed save raises on this rank (`own`: its OSError, if it had one); rank 0
-        removes the temporary folder."""
+        removes the temporary folder. `agreed`: every rank is here, so rank 0 words the error
+        (after the removal) and every rank raises that same one."""
         failure = failure or faults.describe_failure(own, self.strategy.rank)
-        return faults.save_failed(self.run_dir, atomic.tmp, failure, remove=self.is_main, own=own)
+        if not agreed:
+            return faults.save_failed(self.run_dir, atomic.tmp, failure, remove=self.is_main, own=own)
+        mine = faults.save_failed(self.run_dir, atomic.tmp, failure, remove=True, own=own) if self.is_main else None
+        shared = self.strategy.broadcast_object(mine if isinstance(mine, GraftError) else None)
+        if self.is_main:
+            return mine
+        # Not a fixable fault: each rank keeps its own exception (and traceback), if it had one.
+        return shared or faults.save_failed(self.run_dir, atomic.tmp, failure, remove=False, own=own)
 
     def _write_files(self, tmp: Path, weights: dict, osd: dict, gathered: list) -> None:
         st, s = self.state, self.strategy

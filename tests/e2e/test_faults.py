@@ -119,6 +119,32 @@ def test_disk_full_during_a_save_via_graft_train(base_run, tmp_path):
         assert assert_all_complete(out) == ["epoch_000003", "epoch_000002", "epoch_000001"]
 
 
+@pytest.mark.distributed
+def test_disk_full_in_a_two_process_job_stops_every_rank_with_the_same_line(tmp_path):
+    """DDP on 2 processes: rank 0 writes the shared files and hits the full disk; every rank learns
+    it at the same point, rank 0 removes the temporary folder, both print the same one line, and
+    `graft train` exits 2 with that line last, after the launcher's own failure report."""
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    with tmpfs(tmp_path / "small", "900k") as mnt:
+        out = mnt / "run"
+        cmd = [str(BIN / "graft"), "train", "--config", str(config), "--nproc", "2", "--device", "cpu",
+               *tiny_overrides(out, "train.epochs=3")]
+        proc = launch.run(cmd, check=False, timeout=300)
+        output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        assert proc.returncode == 2, output
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        # One per rank and the same, unless the launcher stopped a rank (SIGTERM) as soon as the
+        # other exited, before it printed.
+        assert len(lines) in (1, 2) and len(set(lines)) == 1, output
+        assert f"{out}: disk full while saving checkpoint epoch_000002" in lines[0], lines[0]
+        assert "epoch_000001 is intact, .tmp-epoch_000002 removed" in lines[0], lines[0]
+        assert proc.stderr.rstrip().splitlines()[-1] == "graft: " + lines[0], output
+        # The launcher prints a traceback of its own (ChildFailedError); the ranks print none.
+        assert 'train.py", line' not in proc.stderr and "graft/trainer" not in proc.stderr, output
+        assert assert_all_complete(out) == ["epoch_000001"]
+
+
 def test_disk_full_at_the_manifest_keeps_the_previous_checkpoint(tmp_path):
     """The commit's own writes (manifest.json, written last) hit the full disk: the same one-line
     error, naming the manifest; the previous checkpoint stays complete. The real writer, on a tmpfs
