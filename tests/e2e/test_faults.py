@@ -63,6 +63,14 @@ def train_py(out_dir, *extra: str, prefix: list[str] = (), env: dict | None = No
     return launch.run(cmd, env=env or launch.child_env(), check=False, timeout=240)
 
 
+def graft_train(config_dir: Path, out_dir, nproc: int = 1, *extra: str) -> list[str]:
+    """`graft train` of the tiny run into `out_dir` (its config: the defaults, plus the overrides)."""
+    config = config_dir / "run.yaml"
+    config.write_text("{}\n")
+    return [str(BIN / "graft"), "train", "--config", str(config), "--nproc", str(nproc), "--device", "cpu",
+            *tiny_overrides(out_dir, *extra)]
+
+
 def one_error_line(proc: subprocess.CompletedProcess, prefix: str = "error: ") -> str:
     """The single error line of a failed start or save; exit 2, no traceback anywhere."""
     output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
@@ -96,13 +104,9 @@ def base_run(tmp_path_factory) -> Path:
 def test_disk_full_during_a_save_via_graft_train(base_run, tmp_path):
     """Through `graft train` (accelerate launch, one process): the launcher passes the trainer's one
     line and exit code 2 on. The tmpfs holds the first checkpoint (556 kB) but not a second one."""
-    config = tmp_path / "run.yaml"
-    config.write_text("{}\n")
     with tmpfs(tmp_path / "small", "900k") as mnt:
         out = mnt / "run"
-        cmd = [str(BIN / "graft"), "train", "--config", str(config), "--nproc", "1", "--device", "cpu",
-               *tiny_overrides(out, "train.epochs=3")]
-        proc = launch.run(cmd, check=False, timeout=240)
+        proc = launch.run(graft_train(tmp_path, out, 1, "train.epochs=3"), check=False, timeout=240)
         line = one_error_line(proc)
         assert f"{out}: disk full while saving checkpoint epoch_000002" in line, line
         files = json.loads((out / "checkpoints/epoch_000001/manifest.json").read_text())["files"]
@@ -124,13 +128,9 @@ def test_disk_full_in_a_two_process_job_stops_every_rank_with_the_same_line(tmp_
     """DDP on 2 processes: rank 0 writes the shared files and hits the full disk; every rank learns
     it at the same point, rank 0 removes the temporary folder, both print the same one line, and
     `graft train` exits 2 with that line last, after the launcher's own failure report."""
-    config = tmp_path / "run.yaml"
-    config.write_text("{}\n")
     with tmpfs(tmp_path / "small", "900k") as mnt:
         out = mnt / "run"
-        cmd = [str(BIN / "graft"), "train", "--config", str(config), "--nproc", "2", "--device", "cpu",
-               *tiny_overrides(out, "train.epochs=3")]
-        proc = launch.run(cmd, check=False, timeout=300)
+        proc = launch.run(graft_train(tmp_path, out, 2, "train.epochs=3"), check=False, timeout=300)
         output = f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
         assert proc.returncode == 2, output
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -256,9 +256,7 @@ def test_second_trainer_refuses_while_the_first_runs_and_kill_9_frees_the_lock(t
         # A stopped process keeps its lock like a running one.
         first.send_signal(signal.SIGSTOP)
         # `graft train` refuses too, before starting any launcher (run beside the second trainer).
-        (tmp_path / "run.yaml").write_text("{}\n")
-        cli = subprocess.Popen([str(BIN / "graft"), "train", "--config", str(tmp_path / "run.yaml"), "--nproc", "1",
-                                "--device", "cpu", *tiny_overrides(out)], env=launch.child_env(), cwd=REPO,
+        cli = subprocess.Popen(graft_train(tmp_path, out), env=launch.child_env(), cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         second = train_py(out, "train.epochs=3", "train.seed=11")
         line = one_error_line(second)
