@@ -1,8 +1,8 @@
 """The run folder's OS errors as one line each: `graft.RunDirError` at start, `graft.StorageError` in a save.
 
-    check_writable(run_dir)            # at start, rank 0, before any training step
-    raise save_failed(run_dir, tmp, failure)   # a save hit ENOSPC/EROFS/EACCES: tmp removed, newest kept
-    with explained(run_dir, file): ... # another write into the run folder (metrics.jsonl, config.yaml)
+    check_writable(run_dir)                  # at start (rank 0), before any training step
+    raise save_failed(run_dir, tmp, describe_failure(e), remove=True, own=e)   # a save failed
+    with explained(run_dir, file): ...       # another write into the run folder (metrics.jsonl...)
 
 Only what the user or the machine can fix becomes one of these (disk full, quota, read-only
 filesystem, no permission, a file where a folder should be); every other OSError keeps its
@@ -122,6 +122,8 @@ def check_writable(run_dir: str | os.PathLike) -> None:
             os.close(fd)
         os.unlink(probe)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)  # written in part on a full disk
         err = explain(e, run_dir, "at start")
         if err is None:
             raise

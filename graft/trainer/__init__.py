@@ -7,6 +7,7 @@
 Modules: loop (run, the loop), strategy (wrapping and state per DDP / DeepSpeed / FSDP2),
 checkpoint (atomic folders, manifest, rotation), state (counters, sampler, RNG),
 schedule (LR and extension policies), metrics (JSONL), preempt (SIGTERM / SIGUSR1).
+The run folder's lock and its OS faults (disk full, unwritable) live in graft.checkpointing.
 """
 
 from graft.trainer.loop import run
