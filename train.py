@@ -6,7 +6,8 @@
 
 Overrides are `section.field=value` (the value is read as YAML). Exit codes: 0 when the
 run finished or was preempted (SIGTERM / SIGUSR1) after saving a checkpoint (the summary
-says which; continue with --resume auto), 2 for a config or checkpoint error.
+says which; continue with --resume auto), 2 for a user or environment problem (config,
+checkpoint, run folder unusable or locked, disk full), printed as one `error:` line.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         summary = run(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except (ValueError, FileNotFoundError, GraftError) as e:
-        if not _ours(e):
-            raise  # a bug or a library failure: keep the traceback
-        print(f"error: {e}", file=sys.stderr)
+    except GraftError as e:
+        # A user or environment problem (config, checkpoint, run folder): one line that says the
+        # way out. Anything else is a bug or a library failure and keeps its traceback.
+        _report(e)
         return 2
     finally:
         _destroy_process_group()
@@ -64,17 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ours(e: BaseException) -> bool:
-    """True for errors graft raised on purpose (user mistakes), whose message says the way out."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
+def _report(e: Exception) -> None:
+    """`error: ...` on one line; also into $GRAFT_ERROR_FILE (first writer wins), where `graft train`
+    finds it behind launchers that turn exit code 2 into 1 and a traceback of their own."""
     import os
 
-    import graft
+    from graft.launch.commands import ENV_ERROR_FILE
 
-    package = os.path.dirname(os.path.abspath(graft.__file__)) + os.sep
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(package)
+    message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    # One write: ranks share stderr, and print() writes the newline separately.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    path = os.environ.get(ENV_ERROR_FILE)
+    if path:
+        try:
+            with open(path, "x") as f:
+                f.write(message)
+        except OSError:
+            pass  # another rank wrote it first, or the folder is gone: the line above stands
 
 
 def _destroy_process_group() -> None:

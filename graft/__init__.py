@@ -4,7 +4,7 @@
     optimizer = torch.optim.AdamW(graft.trainable_parameters(model))
 """
 
-from graft.errors import CheckpointError, GraftError, PlanError
+from graft.errors import CheckpointError, ConfigError, GraftError, PlanError, RunDirError, RunDirLocked, StorageError
 from graft.freezing import (
     freeze,
     frozen_parameter_names,
@@ -38,6 +38,10 @@ __all__ = [
     "GraftError",
     "CheckpointError",
     "PlanError",
+    "ConfigError",
+    "RunDirError",
+    "RunDirLocked",
+    "StorageError",
     "deepspeed_params",
     "wrap_ddp",
     "wrap_fsdp2",

@@ -4,8 +4,8 @@
     cfg.to_yaml()   # the resolved config; the trainer writes it into the run folder
 
 Every field has a one-line docstring (the string under it); unknown keys are errors that
-name the key and the allowed ones; cross-field checks live in `__post_init__` and raise
-`ValueError`.
+name the key and the allowed ones; cross-field checks live in `__post_init__`. Every problem
+raises `graft.errors.ConfigError` (a `GraftError` and a `ValueError`) naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from graft.errors import ConfigError
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -31,7 +33,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if ":" not in self.factory:
-            raise ValueError(f"model.factory={self.factory!r}: write it as 'module:function', "
+            raise ConfigError(f"model.factory={self.factory!r}: write it as 'module:function', "
                              f"e.g. 'graft.models:tiny_vgg'")
 
 
@@ -54,18 +56,18 @@ class InitConfig:
 
     def __post_init__(self):
         if self.on_mismatch not in ("skip", "error", "copy-overlap"):
-            raise ValueError(f"init.on_mismatch={self.on_mismatch!r}; use skip, error or copy-overlap")
+            raise ConfigError(f"init.on_mismatch={self.on_mismatch!r}; use skip, error or copy-overlap")
         if not (self.freeze in (None, "loaded") or (isinstance(self.freeze, list)
                                                      and all(isinstance(x, str) for x in self.freeze))):
-            raise ValueError(f"init.freeze={self.freeze!r}; use null, 'loaded' or a list of names/globs")
+            raise ConfigError(f"init.freeze={self.freeze!r}; use null, 'loaded' or a list of names/globs")
         rules = []
         for r in self.rename:
             if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, str) for x in r)):
-                raise ValueError(f"init.rename entry {r!r}: each rule is [regex, replacement]")
+                raise ConfigError(f"init.rename entry {r!r}: each rule is [regex, replacement]")
             rules.append(list(r))
         self.rename = rules
         if self.freeze == "loaded" and self.checkpoint is None:
-            raise ValueError("init.freeze='loaded' needs init.checkpoint (nothing is loaded without one)")
+            raise ConfigError("init.freeze='loaded' needs init.checkpoint (nothing is loaded without one)")
 
 
 @dataclass(kw_only=True)
@@ -89,15 +91,15 @@ class DataConfig:
 
     def __post_init__(self):
         if self.name not in ("digits", "imagefolder"):
-            raise ValueError(f"data.name={self.name!r}; use digits or imagefolder")
+            raise ConfigError(f"data.name={self.name!r}; use digits or imagefolder")
         if self.name == "imagefolder" and not self.root:
-            raise ValueError("data.name=imagefolder needs data.root (a folder with one subfolder per class)")
+            raise ConfigError("data.name=imagefolder needs data.root (a folder with one subfolder per class)")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}; use a value in (0, 1)")
+            raise ConfigError(f"data.val_fraction={self.val_fraction}; use a value in (0, 1)")
         if self.batch_size < 1 or self.image_size < 1:
-            raise ValueError("data.batch_size and data.image_size must be positive")
+            raise ConfigError("data.batch_size and data.image_size must be positive")
         if self.limit is not None and self.limit < 2:
-            raise ValueError(f"data.limit={self.limit}; use null or at least 2")
+            raise ConfigError(f"data.limit={self.limit}; use null or at least 2")
 
 
 @dataclass(kw_only=True)
@@ -117,9 +119,9 @@ class OptimizerConfig:
 
     def __post_init__(self):
         if self.name not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer.name={self.name!r}; use adamw or sgd")
+            raise ConfigError(f"optimizer.name={self.name!r}; use adamw or sgd")
         if self.lr <= 0:
-            raise ValueError(f"optimizer.lr={self.lr}; must be positive")
+            raise ConfigError(f"optimizer.lr={self.lr}; must be positive")
         self.lr = float(self.lr)
         self.weight_decay = float(self.weight_decay)
 
@@ -149,11 +151,11 @@ class ScheduleConfig:
 
     def __post_init__(self):
         if self.name not in SCHEDULES:
-            raise ValueError(f"schedule.name={self.name!r}; use one of {list(SCHEDULES)}")
+            raise ConfigError(f"schedule.name={self.name!r}; use one of {list(SCHEDULES)}")
         if self.on_extend not in EXTEND_POLICIES:
-            raise ValueError(f"schedule.on_extend={self.on_extend!r}; use one of {list(EXTEND_POLICIES)}")
+            raise ConfigError(f"schedule.on_extend={self.on_extend!r}; use one of {list(EXTEND_POLICIES)}")
         if self.warmup_steps < 0 or self.step_epochs < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("schedule: warmup_steps >= 0, step_epochs >= 1, 0 <= min_lr_ratio <= 1")
+            raise ConfigError("schedule: warmup_steps >= 0, step_epochs >= 1, 0 <= min_lr_ratio <= 1")
 
 
 @dataclass(kw_only=True)
@@ -184,17 +186,17 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 1 or self.save_every < 1:
-            raise ValueError(f"train.epochs={self.epochs}, train.save_every={self.save_every}: both must be >= 1")
+            raise ConfigError(f"train.epochs={self.epochs}, train.save_every={self.save_every}: both must be >= 1")
         if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError(f"train.keep_last={self.keep_last}; use null (keep all) or >= 1")
+            raise ConfigError(f"train.keep_last={self.keep_last}; use null (keep all) or >= 1")
         if self.strategy not in ("auto", "fsdp2"):
-            raise ValueError(f"train.strategy={self.strategy!r}; use auto or fsdp2")
+            raise ConfigError(f"train.strategy={self.strategy!r}; use auto or fsdp2")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"train.max_steps_per_epoch={self.max_steps_per_epoch}; use null or >= 1")
+            raise ConfigError(f"train.max_steps_per_epoch={self.max_steps_per_epoch}; use null or >= 1")
         if self.session_epochs is not None and self.session_epochs < 1:
-            raise ValueError(f"train.session_epochs={self.session_epochs}; use null or >= 1")
+            raise ConfigError(f"train.session_epochs={self.session_epochs}; use null or >= 1")
         if self.log_every < 1:
-            raise ValueError("train.log_every must be >= 1")
+            raise ConfigError("train.log_every must be >= 1")
 
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -221,11 +223,11 @@ class RunConfig:
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}; use one of {list(PRECISIONS)}")
+            raise ConfigError(f"precision={self.precision!r}; use one of {list(PRECISIONS)}")
         if self.precision == "fp16" and self.train.strategy == "fsdp2":
-            raise ValueError("precision=fp16 with train.strategy=fsdp2 is not supported; use bf16 or no")
+            raise ConfigError("precision=fp16 with train.strategy=fsdp2 is not supported; use bf16 or no")
         if self.init.checkpoint and os.path.abspath(self.init.checkpoint) == os.path.abspath(self.train.out_dir):
-            raise ValueError(f"init.checkpoint={self.init.checkpoint!r} is the run's own train.out_dir: "
+            raise ConfigError(f"init.checkpoint={self.init.checkpoint!r} is the run's own train.out_dir: "
                              f"to continue that run use --resume, to graft from it use another out_dir")
 
     def to_dict(self) -> dict:
@@ -260,12 +262,12 @@ def _section_types(cls) -> dict[str, type]:
 
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}: {data!r}")
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}: {data!r}")
     allowed = [f.name for f in fields(cls)]
     unknown = [k for k in data if k not in allowed]
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ValueError(f"unknown config key {key!r}; allowed {('in ' + where) if where else 'sections'}: "
+        raise ConfigError(f"unknown config key {key!r}; allowed {('in ' + where) if where else 'sections'}: "
                          f"{allowed}")
     kwargs = {}
     sections = _section_types(cls)
@@ -275,7 +277,7 @@ def _build(cls, data: Any, where: str):
     try:
         return cls(**kwargs)
     except TypeError as e:
-        raise ValueError(f"{where or 'config'}: {e}") from e
+        raise ConfigError(f"{where or 'config'}: {e}") from e
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
@@ -285,7 +287,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
         if node.get(p) is None:
             node[p] = {}
         if not isinstance(node[p], dict):
-            raise ValueError(f"override {dotted!r}: {p!r} is not a section")
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
         node = node[p]
     node[parts[-1]] = value
 
@@ -293,12 +295,15 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """'section.field=value' -> (dotted key, value parsed as YAML: 3, 1e-3, null, [a, b], true)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r}: write it as section.field=value, e.g. train.epochs=10")
+        raise ConfigError(f"override {text!r}: write it as section.field=value, e.g. train.epochs=10")
     key, raw = text.split("=", 1)
     key = key.strip()
     if key.startswith("--"):
         key = key[2:]
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())})") from e
     # YAML 1.1 reads '1e-3' as a string; people mean the number.
     if isinstance(value, str):
         try:
@@ -313,11 +318,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!s} not found")
-        with open(path) as f:
-            tree = yaml.safe_load(f) or {}
+            raise ConfigError(f"config file {path!s} not found")
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read the run config: {' '.join(str(e).split())}") from e
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: a run config is a YAML mapping of sections, got {type(tree).__name__}")
+            raise ConfigError(f"{path}: a run config is a YAML mapping of sections, got {type(tree).__name__}")
     for text in overrides:
         key, value = parse_override(text)
         _set(tree, key, value)
@@ -325,7 +333,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     try:
         return RunConfig.from_dict(tree)
     except ValueError as e:
-        raise ValueError(f"{e}{where}") from e
+        raise ConfigError(f"{e}{where}") from e
 
 
 def diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:

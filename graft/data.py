@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from graft.config import DataConfig
+from graft.errors import ConfigError
 
 # Statistics of the digits set after scaling to [0, 1] (computed once; fixed so the
 # transform does not depend on the split).
@@ -82,8 +83,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
         try:
             full = datasets.ImageFolder(cfg.root, transform=tf)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"data.root={cfg.root!r}: {e}; expected one subfolder per class "
-                                    f"holding images") from e
+            raise ConfigError(f"data.root={cfg.root!r}: {e}; expected one subfolder per class "
+                              f"holding images") from e
         train_idx, val_idx = _split(len(full), cfg.val_fraction, seed, cfg.limit)
         return Splits(Subset(full, train_idx), Subset(full, val_idx), len(full.classes), list(full.classes))
-    raise ValueError(f"data.name={cfg.name!r}; use digits or imagefolder")
+    raise ConfigError(f"data.name={cfg.name!r}; use digits or imagefolder")

@@ -10,6 +10,10 @@
     optimizer_state a torch optimizer's state by parameter name (created before a restore)
     torch_adapter   the adapter for one process, DDP and FSDP2
     codec           non-tensor state as JSON, without pickle
+    lock            one trainer per run folder: a kernel lock on RUN_DIR/.lock that dies with
+                    its process, plus the owner's record for the message
+    faults          the run folder's OS errors as one-line `graft.RunDirError` /
+                    `graft.StorageError`: the start probe, disk full during a save
 
 This package imports nothing at import time: `graft.loading` imports `layout` from here.
 """

@@ -67,7 +67,11 @@ class AtomicCheckpoint:
             if trash.exists():
                 shutil.rmtree(trash)
             os.rename(self.final, trash)
-            os.rename(self.tmp, self.final)
+            try:
+                os.rename(self.tmp, self.final)
+            except OSError:
+                os.rename(trash, self.final)  # a failed swap puts the complete one back
+                raise
             fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
         else:

@@ -35,11 +35,12 @@ import torch
 import torch.distributed as dist
 
 from graft._logging import get_logger
-from graft.checkpointing import layout
+from graft.checkpointing import faults, layout
 from graft.checkpointing.atomic import AtomicCheckpoint, clean_leftovers, rotate
 from graft.checkpointing.layout import FileEntry, Piece, TensorEntry
 from graft.checkpointing.shard_writer import STAGING_BYTES, Written, write_bytes, write_shard
 from graft.checkpointing.slices import Holding, StateAdapter, whole
+from graft.errors import GraftError
 
 log = get_logger(__name__)
 
@@ -124,17 +125,33 @@ class SaveResult:
 
 
 def _failure(e: BaseException, rank: int) -> dict:
-    return {"rank": rank, "type": type(e).__name__, "errno": getattr(e, "errno", None),
-            "strerror": getattr(e, "strerror", None) or str(e), "filename": getattr(e, "filename", None)}
+    """A failure as plain data (crosses ranks in an all_gather, unlike some exceptions)."""
+    if isinstance(e, OSError):
+        return {**faults.describe_failure(e, rank), "type": type(e).__name__}
+    return {"rank": rank, "type": type(e).__name__, "errno": None, "strerror": str(e), "filename": None}
 
 
-def raise_failure(f: dict, own: BaseException | None) -> None:
-    """The same error on every rank: this rank's own exception, or one naming the rank that failed."""
+def _agreed(run_dir: Path, atomic: AtomicCheckpoint, failure: dict, own: BaseException | None,
+            rank: int) -> BaseException:
+    """The error every rank raises when any rank failed (every rank is here): rank 0 removes the
+    temp folder and words it; a fault the user can fix (disk full, read-only...) is the same one-line
+    `graft.StorageError` on every rank, anything else stays each rank's own exception."""
+    mine = None
+    if rank == 0:
+        if failure["errno"] is not None:
+            mine = faults.save_failed(run_dir, atomic.tmp, failure, remove=True,
+                                      own=own if isinstance(own, OSError) else None)
+        atomic.abandon()
+    shared = broadcast(mine if isinstance(mine, GraftError) else None)
+    if shared is not None:
+        return mine if rank == 0 else shared
     if own is not None:
-        raise own
-    if f["errno"] is not None:
-        raise OSError(f["errno"], f"rank {f['rank']}: {f['strerror']}", f["filename"])
-    raise RuntimeError(f"rank {f['rank']} failed to write its part of the checkpoint: {f['type']}: {f['strerror']}")
+        return own
+    if failure["errno"] is not None:
+        return OSError(failure["errno"], f"rank {failure['rank']} could not write the checkpoint: "
+                                         f"{failure['strerror']}", failure["filename"])
+    return RuntimeError(f"rank {failure['rank']} failed to write its part of the checkpoint: "
+                        f"{failure['type']}: {failure['strerror']}")
 
 
 def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[str, Any] | None = None,
@@ -165,7 +182,7 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
             began = _failure(e, 0)
     meta = all_gather((sum(h.nbytes for h in own), _signature(rep), began))
     if meta[0][2] is not None:
-        raise_failure(meta[0][2], None)
+        raise _agreed(Path(run_dir), atomic, meta[0][2], None, rank)
     if len({m[1] for m in meta}) != 1:
         raise RuntimeError("the ranks hold different replicated tensors (names, shapes or dtypes differ): "
                            "every rank must build the same model and optimizer")
@@ -192,24 +209,23 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
         }
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is re-raised
         error, err_obj = _failure(e, rank), e
+    # Every rank learns whether any rank failed to write, so all stop with the same error
+    # (instead of the others waiting for a rank that is gone).
     records = all_gather(record if error is None else {"failed": error})
     failed = [r["failed"] for r in records if "failed" in r]
     if failed:
-        if rank == 0:
-            atomic.abandon()
-        raise_failure(failed[0], err_obj if error is not None else None)
+        raise _agreed(Path(run_dir), atomic, failed[0], err_obj, rank)
 
     outcome: Any = None
     if rank == 0:
         try:
             outcome = _commit(atomic, records, adapter, world, info or {}, keep_last)
-        except Exception as e:  # noqa: BLE001
-            atomic.abandon()
+        except Exception as e:  # noqa: BLE001 - every rank hears of it below
             outcome = {"failed": _failure(e, 0)}
             err_obj = e
     outcome = broadcast(outcome)
     if isinstance(outcome, dict) and "failed" in outcome:
-        raise_failure(outcome["failed"], err_obj)
+        raise _agreed(Path(run_dir), atomic, outcome["failed"], err_obj, rank)
     sizes = [r["size"] + sum(s for s, _, _ in r["extra"].values()) for r in records]
     return SaveResult(atomic.final, sizes, time.perf_counter() - started, outcome or [])
 

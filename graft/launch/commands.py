@@ -51,6 +51,9 @@ DEEPSPEED_CONFIGS = {
 DEFAULT_PORT = 29500
 ENV_STRATEGY = "GRAFT_STRATEGY"
 ENV_DEVICE = "GRAFT_DEVICE"
+# Where train.py writes its one-line error (a GraftError, exit 2): launchers report a failed
+# worker as exit 1 with their own traceback, so `graft train` reads the trainer's verdict here.
+ENV_ERROR_FILE = "GRAFT_ERROR_FILE"
 
 
 @dataclass(kw_only=True)
@@ -209,6 +212,10 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
     accel_cfg = _existing(opts.accelerate_config or ACCELERATE_CONFIGS[cfg_key], "accelerate config")
 
     argv = [_tool("accelerate"), "launch", "--config_file", accel_cfg]
+    if single:
+        # Without it accelerate's one-process launcher answers the trainer's exit 2 (a one-line
+        # user error) with a CalledProcessError traceback of its own.
+        argv.append("--quiet")
     if opts.strategy == "ddp" and not single:
         argv.append("--multi_gpu")
     elif opts.strategy == "fsdp":

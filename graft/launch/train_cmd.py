@@ -5,7 +5,9 @@
     graft plot runs/digits_base -o curves.png
 
 `train` and `resume` print the command line they run (and why it looks that way), run it,
-and exit with its exit code. SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time
+and exit with its exit code; 2 (with one `graft: error:` line) when the trainer stopped on a
+user or environment problem, even behind a launcher that reports every failure as 1. A run
+folder that is unwritable or locked by another trainer fails here, before any launcher starts. SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time
 limit) reach the training processes as SIGINT/SIGTERM: torchrun's agent, which accelerate
 uses, forwards only those to the workers, and the trainer answers both by saving a
 checkpoint and exiting.
@@ -19,11 +21,19 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from graft.checkpointing.layout import RUN_CONFIG  # the resolved config the trainer writes into every run folder
-from graft.launch.commands import STRATEGIES, Command, LaunchOptions, build_command, resolve_device
+from graft.launch.commands import (
+    ENV_ERROR_FILE,
+    STRATEGIES,
+    Command,
+    LaunchOptions,
+    build_command,
+    resolve_device,
+)
 
 FSDP_OVERRIDE = "train.strategy=fsdp2"
 
@@ -121,14 +131,28 @@ _FORWARD = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal
 
 
 def execute(cmd: Command, *, dry_run: bool = False, drain_timeout: float = 120.0) -> int:
-    """Print `cmd`, run it (unless dry_run), forward signals, return its exit code (128+N on signal N)."""
+    """Print `cmd`, run it (unless dry_run), forward signals, return its exit code (128+N on signal N;
+    2 when the trainer reported a one-line error, whatever the launcher made of it)."""
     for note in cmd.notes:
         print(f"# {note}")
     print(f"$ {cmd.shell()}", flush=True)
     if dry_run:
         return 0
+    with tempfile.TemporaryDirectory(prefix="graft-launch-") as tmp:
+        error_file = Path(tmp) / "error"
+        env = {**cmd.full_env(), ENV_ERROR_FILE: str(error_file)}
+        rc = _run(cmd.argv, env, drain_timeout)
+        if rc != 0 and error_file.is_file():
+            message = error_file.read_text()
+            if "--quiet" not in cmd.argv:  # the launcher printed its own report after the trainer's line
+                print(f"graft: error: {message}", file=sys.stderr)
+            return 2
+    return rc
+
+
+def _run(argv: list[str], env: dict[str, str], drain_timeout: float) -> int:
     # Its own session, so a Ctrl-C reaches it once (from us), not twice (from the terminal too).
-    proc = subprocess.Popen(cmd.argv, env=cmd.full_env(), start_new_session=True)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
     signalled: list[int] = []
 
     def forward(signum, _frame):
@@ -156,6 +180,18 @@ def execute(cmd: Command, *, dry_run: bool = False, drain_timeout: float = 120.0
     return rc if rc >= 0 else 128 - rc
 
 
+def preflight(run_dir: str | Path, opts: LaunchOptions) -> None:
+    """Refuse now (a RunDirError: `graft: error:`, exit 2) a run folder the trainer would refuse:
+    unwritable, or locked by another trainer. Node 0 only (its rank 0 owns the folder); the
+    trainer checks again itself, this only spares starting a launcher for nothing."""
+    if opts.node_rank != 0:
+        return
+    from graft.checkpointing import faults, lock
+
+    faults.check_writable(run_dir)
+    lock.ensure_free(run_dir)
+
+
 def _wait_group(pgid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,6 +217,8 @@ def cmd_train(args) -> int:
     cmd = _build(opts, script_args)
     print(f"# run folder: {cfg.train.out_dir} ({opts.world_size} process(es), {opts.strategy}, "
           f"node {opts.node_rank} of {opts.nodes})")
+    if not args.dry_run:
+        preflight(cfg.train.out_dir, opts)
     return execute(cmd, dry_run=args.dry_run)
 
 
@@ -202,6 +240,8 @@ def saved_launch(run_dir: Path) -> dict | None:
     from graft.checkpointing import layout
 
     try:
+        # Sizes only: this picks the launch shape (a hint); the trainer picks the checkpoint itself,
+        # hashes checked.
         folder, _ = layout.newest_complete(run_dir, hashes=False)
         if folder is None:
             return None
@@ -246,6 +286,8 @@ def cmd_resume(args) -> int:
     cmd = _build(opts, script_args)
     what = f"to {args.epochs} epochs ({args.policy or cfg.schedule.on_extend})" if args.epochs else "where it stopped"
     print(f"# resuming {run_dir} {what}")
+    if not args.dry_run:
+        preflight(cfg.train.out_dir, opts)
     return execute(cmd, dry_run=args.dry_run)
 
 

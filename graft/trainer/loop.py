@@ -2,8 +2,9 @@
 
 Order of a start (every rank runs it):
 
-    accelerator -> strategy -> resume decision (graft.trainer.resume: rank 0 picks the
-    checkpoint, every rank reads it once) -> data -> model from the factory (seeded) ->
+    accelerator -> strategy -> the run folder (rank 0: writable probe, then the lock, held to
+    the end) -> resume decision (graft.trainer.resume: rank 0 picks the checkpoint, every rank
+    reads it once) -> data -> model from the factory (seeded) ->
     freezing (the checkpoint's list on resume, else init.checkpoint through graft.load with
     freeze) -> fully_shard (fsdp2) -> optimizer over graft.param_groups -> prepare -> on
     resume: weights and optimizer state into the wrapped model (each rank reads its own
@@ -32,8 +33,10 @@ from torch.utils.data import DataLoader
 
 import graft
 from graft._logging import get_logger, progress
-from graft.checkpointing import layout
+from graft.checkpointing import faults, layout
+from graft.checkpointing.lock import RunDirLock
 from graft.checkpointing.save import save as save_checkpoint
+from graft.checkpointing.shard_writer import write_bytes
 from graft.config import RunConfig
 from graft.data import build_datasets
 from graft.errors import ConfigError
@@ -107,11 +110,35 @@ class Trainer:
         self.state = TrainState(world_size=self.strategy.world)
         self.summary: dict = {"run_dir": str(self.run_dir), "strategy": self.strategy.kind,
                               "world_size": self.strategy.world, "resumed_from": None, "extension": None}
-        self.point = resuming.locate(self.strategy, self.run_dir, resume)
-        if self.point is not None:
-            self.summary["config_changes"] = resuming.check_config(self.point, cfg, allow_config_change)
+        self.lock: RunDirLock | None = None
+        try:
+            self.point = resuming.locate(self.strategy, self.run_dir, resume, claim=self._claim_run_dir)
+            if self.point is not None:
+                self.summary["config_changes"] = resuming.check_config(self.point, cfg, allow_config_change)
+        except BaseException:
+            self.close()
+            raise
         self.last_saved: Path | None = None
         self._rng_to_restore = None
+
+    def close(self) -> None:
+        """Release the run folder (rank 0's lock). Idempotent."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _claim_run_dir(self) -> None:
+        """Fail now, before any step, if the run folder cannot hold checkpoints or another trainer uses it.
+        Only rank 0 locks: the other ranks of this job share its lock; another job's rank 0 is refused."""
+        faults.check_writable(self.run_dir)
+        try:
+            self.lock = RunDirLock(self.run_dir).acquire()
+        except OSError as e:
+            err = faults.explain(e, self.run_dir, "taking the lock")
+            if err is None:
+                raise
+            raise err from e
+        log.info("locked %s (%s)", self.lock.path, self.lock.mode)
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -150,8 +177,8 @@ class Trainer:
                                  cfg.train.epochs * self.steps_per_epoch)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / layout.RUN_CONFIG).write_text(cfg.to_yaml())
+            with faults.explained(self.run_dir, layout.RUN_CONFIG):
+                write_bytes(self.run_dir / layout.RUN_CONFIG, cfg.to_yaml().encode())
         self.rank_extra: dict = {"loss_sum": 0.0, "loss_count": 0}
         if self.point is not None:
             self._restore()
@@ -347,7 +374,10 @@ def run(config: RunConfig, resume: str | None = None, *, allow_config_change: bo
     "val_loss", "preempted", "checkpoint", "resumed_from", "extension", "frozen", ...}.
     """
     trainer = Trainer(config, resume, allow_config_change)
-    trainer.setup()
-    summary = trainer.train()
-    trainer.strategy.barrier()
+    try:
+        trainer.setup()
+        summary = trainer.train()
+        trainer.strategy.barrier()
+    finally:
+        trainer.close()
     return summary

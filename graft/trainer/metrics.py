@@ -14,6 +14,8 @@ import math
 import time
 from pathlib import Path
 
+from graft.checkpointing.faults import explained
+
 METRICS = "metrics.jsonl"
 
 
@@ -23,8 +25,9 @@ class MetricsWriter:
         self.enabled = enabled
         self._f = None
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a", buffering=1)
+            with explained(self.path.parent, self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "a", buffering=1)
 
     def write(self, event: str, *, epoch: int, step: int, **fields) -> None:
         if not self.enabled:
@@ -34,8 +37,9 @@ class MetricsWriter:
             if isinstance(v, float) and not math.isfinite(v):
                 v = str(v)
             line[k] = v
-        self._f.write(json.dumps(line) + "\n")
-        self._f.flush()
+        with explained(self.path.parent, self.path):  # a full disk: one line, not a traceback
+            self._f.write(json.dumps(line) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         if self._f is not None:

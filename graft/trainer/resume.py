@@ -29,7 +29,7 @@ from graft.checkpointing.atomic import clean_leftovers
 from graft.checkpointing.layout import Manifest
 from graft.checkpointing.restore import RestoreStats, read_ranges, restore
 from graft.config import SAFE_ON_RESUME, RunConfig, diff
-from graft.errors import CheckpointError, ConfigError
+from graft.errors import CheckpointError, ConfigError, GraftError
 from graft.trainer.state import RNG_POLICY_DERIVED, RNG_POLICY_SAME
 
 log = get_logger("graft.trainer")
@@ -59,11 +59,14 @@ class Restored:
     counters: dict
 
 
-def _newest(run_dir: Path) -> Path:
-    """The newest complete checkpoint of `run_dir` (hashes checked); newer broken ones are named."""
-    cleaned = clean_leftovers(run_dir)
-    if cleaned:
-        log.warning("removed leftovers of interrupted saves in %s: %s", run_dir / layout.CHECKPOINTS, cleaned)
+def _newest(run_dir: Path, clean: bool) -> Path:
+    """The newest complete checkpoint of `run_dir` (hashes checked); newer broken ones are named.
+    `clean`: remove leftovers of interrupted saves first (only in the run's own folder: another
+    run's folder is read, never cleaned, since its trainer may be writing there now)."""
+    if clean:
+        cleaned = clean_leftovers(run_dir)
+        if cleaned:
+            log.warning("removed leftovers of interrupted saves in %s: %s", run_dir / layout.CHECKPOINTS, cleaned)
     folder, skipped = layout.newest_complete(run_dir, hashes=True)
     for p, why in skipped:
         log.warning("skipping checkpoint %s: %s", p, why)
@@ -83,12 +86,13 @@ def pick(run_dir: Path, resume: str | None) -> Path | None:
                               f"continue it with --resume auto, or give a new train.out_dir")
         return None
     if resume == "auto":
-        return _newest(run_dir)
+        return _newest(run_dir, clean=True)
     p = Path(resume)
     if not p.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint or run folder")
+        raise CheckpointError(p, "no such checkpoint or run folder (--resume)",
+                              "pass --resume auto, a run folder or one of its checkpoints/epoch_* folders")
     if layout.is_run_dir(p) and not (p / layout.MANIFEST).exists():
-        return _newest(p)
+        return _newest(p, clean=p.resolve() == run_dir.resolve())
     why = layout.problem(p, hashes=True)
     if why is not None:
         raise CheckpointError(p, f"is not a complete checkpoint: {why}",
@@ -96,14 +100,17 @@ def pick(run_dir: Path, resume: str | None) -> Path | None:
     return p
 
 
-def locate(strategy, run_dir: str | Path, resume: str | None) -> ResumePoint | None:
-    """Every rank: rank 0 picks (it alone cleans and hashes), all get the same answer or error."""
+def locate(strategy, run_dir: str | Path, resume: str | None, claim=None) -> ResumePoint | None:
+    """Every rank: rank 0 claims the run folder (`claim()`: probe and lock) and picks (it alone
+    cleans and hashes); all get the same answer or the same error."""
     result: tuple = (None, None)
     if strategy.rank == 0:
         try:
+            if claim is not None:
+                claim()
             folder = pick(Path(run_dir), resume)
             result = (str(folder) if folder else None, None)
-        except (CheckpointError, ValueError, FileNotFoundError) as e:
+        except (GraftError, ValueError, OSError) as e:
             result = (None, e)
     path, err = strategy.broadcast_object(result)
     if err is not None:

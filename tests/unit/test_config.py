@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from graft.config import RunConfig, diff, field_docs, load_config, parse_override
+from graft.errors import ConfigError, GraftError
 from launch import REPO
 
 
@@ -38,14 +39,21 @@ def test_yaml_file_then_overrides(tmp_path):
     ("train=3", "train must be a mapping"),
     ("epochs", "write it as section.field=value"),
 ])
-def test_mistakes_are_value_errors_that_name_the_key(override, message):
-    with pytest.raises(ValueError, match=message):
+def test_mistakes_are_config_errors_that_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
         load_config(None, [override])
+    assert isinstance(info.value, GraftError) and isinstance(info.value, ValueError)  # train.py: one line
 
 
-def test_missing_file_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+def test_missing_or_broken_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml not found"):
         load_config(tmp_path / "nope.yaml", [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: cannot read the run config"):
+        load_config(bad, [])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(None, ["train.epochs=[1"])
 
 
 def test_resolved_yaml_round_trips():

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +163,38 @@ def test_graft_open_reads_a_run_folder_and_a_checkpoint(tmp_path):
     assert torch.equal(other.features[0].weight, model.features[0].weight + 1)
     with pytest.raises(CheckpointError, match="not a complete run checkpoint"):
         GraftRun(tmp_path / "checkpoints" / "epoch_000003", None)
+
+
+def test_graft_open_checks_a_run_folder_as_resume_does(tmp_path, caplog):
+    """A same-size swapped file in the newest checkpoint: graft.open / graft.load of the run folder
+    fall back to the checkpoint --resume auto picks, and say so; the cheaper check is explicit."""
+    model = tiny_vgg()
+    for e in (1, 2):
+        shifted = tiny_vgg()
+        shifted.load_state_dict({k: v + e for k, v in model.state_dict().items()})
+        save(tmp_path, f"epoch_{e:06d}", TorchAdapter(shifted, None, "single"), info={"epoch": e, "step": e})
+    root = tmp_path / "checkpoints"
+    shard = layout.shard_file(0)
+    # epoch 1's weights copied over epoch 2's: same size, so only the hashes can tell.
+    shutil.copyfile(root / "epoch_000001" / shard, root / "epoch_000002" / shard)
+    resumed = pick(tmp_path, "auto")
+    with caplog.at_level(logging.WARNING, logger="graft.loading.formats.graft_run"):
+        with graft.open(tmp_path) as c:
+            info = c.info()
+    assert Path(info["checkpoint"]) == resumed == root / "epoch_000001"
+    assert info["verified"] == "sha256" and info["verify_seconds"] >= 0
+    assert info["skipped"] == {"epoch_000002": f"{shard} does not match its blake3 in the manifest (corrupt)"}
+    assert "skipping checkpoint" in caplog.text and "epoch_000002" in caplog.text
+    other = tiny_vgg()
+    graft.load(other, tmp_path, verbose=False)
+    assert torch.equal(other.features[0].weight, model.features[0].weight + 1)  # epoch 1, as resume
+    with pytest.raises(CheckpointError, match=f"epoch_000002: is not a complete run checkpoint: {shard} "
+                                              "does not match its blake3"):
+        graft.open(root / "epoch_000002")  # named directly: refused, as --resume PATH refuses it
+    with graft.open(tmp_path, verify="sizes") as c:  # the documented cheaper check cannot see it
+        assert c.info()["verified"] == "sizes" and c.info()["checkpoint"] == str(root / "epoch_000002")
+    with pytest.raises(CheckpointError, match="verify='md5'"):
+        graft.open(tmp_path, verify="md5")
 
 
 def test_graft_open_still_reads_version_1_checkpoints(tmp_path):
