@@ -34,6 +34,16 @@ def read_bytes() -> int:
     return 0
 
 
+def written_bytes() -> int:
+    """Bytes this process has sent to storage so far (/proc/self/io write_bytes: file data it
+    dirtied; sockets and pipes do not count)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 class PeakRss:
     """Peak RssAnon / RssFile above the level at entry, sampled every `interval` s in a thread.
 
