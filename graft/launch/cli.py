@@ -67,6 +67,15 @@ def cmd_inspect(args) -> int:
     for k, v in s.items():
         if k not in ("path", "keys", "groups", "dtypes", "tensors", "bytes", "params") and not isinstance(v, dict):
             print(f"  {k:12s} {v}")
+    if isinstance(s.get("layout"), dict):  # a graft run checkpoint: how the saving run cut its state up
+        lay = s["layout"]
+        if lay.get("kind") == "sharded":
+            per = ", ".join(f"{human_bytes(b)}" for b in lay["bytes_per_shard"].values())
+            groups = ", ".join(f"{g} {n}" for g, n in lay["logical_tensors"].items())
+            print(f"  {'layout':12s} sharded: {lay['shard_files']} shard file(s) ({per}), {lay['pieces']} pieces; "
+                  f"logical tensors: {groups}")
+        else:
+            print(f"  {'layout':12s} {lay.get('kind')}: {', '.join(lay.get('files', []))}")
     print(f"  {'tensors':12s} {s['tensors']} ({s['params']:,} values, {human_bytes(s['bytes'])})")
     print("  dtypes       " + ", ".join(f"{d}: {v['tensors']} ({human_bytes(v['bytes'])})" for d, v in s["dtypes"].items()))
     print("  keys by prefix:")

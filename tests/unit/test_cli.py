@@ -36,3 +36,19 @@ def test_console_script_reports_errors_cleanly(tmp_path):
     proc = subprocess.run([str(exe), "inspect", str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inspect_a_run_checkpoint_shows_world_size_strategy_and_layout(tmp_path, capsys):
+    from graft.checkpointing.save import save
+    from graft.checkpointing.torch_adapter import TorchAdapter
+
+    model = tiny_vgg()
+    opt = torch.optim.AdamW(model.parameters())
+    save(tmp_path, "epoch_000001", TorchAdapter(model, opt, "single"), info={"epoch": 1, "step": 4})
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "world_size   1" in out and "strategy     single" in out
+    assert "layout       sharded: 1 shard file(s)" in out and "logical tensors: model 22" in out
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"]["shard_files"] == 1 and info["manifest_version"] == 2 and info["tensors"] == 22
