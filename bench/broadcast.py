@@ -31,12 +31,10 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from procstats import PeakRss, drop_cache, read_bytes, warm_cache
+from procstats import PeakRss, drop_cache, launch_workers, read_bytes, warm_cache
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
@@ -256,29 +254,14 @@ def main() -> None:
     st, pt = OUT / f"bench-{layers}x64MB.safetensors", OUT / f"bench-{layers}x64MB.pt"
     write_checkpoint(layers, st, pt)
     out = OUT / f"broadcast-{layers}x64MB.json"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    # The worker's settings travel in the environment: torchrun's own parser would take
-    # abbreviations of its options (--st -> --standalone) from the script's arguments.
-    env["GRAFT_BENCH_WORKER"] = json.dumps({
-        "layers": layers, "st": str(st), "pt": str(pt), "out": str(out), "reps": args.reps,
-        "bucket_mb": args.bucket_mb, "conds": args.conds, "methods": args.methods})
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__]
+    settings = {"layers": layers, "st": str(st), "pt": str(pt), "out": str(out), "reps": args.reps,
+                "bucket_mb": args.bucket_mb, "conds": args.conds, "methods": args.methods}
     print(f"model {model_bytes / 2**30:.2f} GiB ({layers} layers), bucket_mb {args.bucket_mb}, reps {args.reps},"
           f" 2 processes, gloo on CPU; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
-    subprocess.run(cmd, check=True, env=env)
+    launch_workers(__file__, settings)
     records = json.loads(out.read_text())
     print()
     print(summarise(records, model_bytes, args.bucket_mb, args.conds.split(",")))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

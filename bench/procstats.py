@@ -99,3 +99,25 @@ def warm_cache(files) -> None:
             os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
             while fh.readinto(buf):
                 pass
+
+
+def launch_workers(script: str, settings: dict, nproc: int = 2, repo: str | None = None) -> None:
+    """`torchrun --nproc_per_node N script` on a free local port, the worker's settings in the
+    environment (GRAFT_BENCH_WORKER, JSON): torchrun's own parser would take abbreviations of
+    its options (--st -> --standalone) from the script's arguments."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = repo or str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+               GRAFT_BENCH_WORKER=json.dumps(settings))
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(port), script]
+    subprocess.run(cmd, check=True, env=env)

@@ -42,12 +42,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from procstats import PeakRss, drop_cache, written_bytes
+from procstats import PeakRss, drop_cache, launch_workers, written_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
@@ -199,7 +197,7 @@ def worker(args) -> None:
     timed("rank-0 torch.save (ddp)", torch_save_ddp, shared / "torch_ddp.pt", args.reps)
     timed("accelerate save_state (ddp)", accelerate_ddp, shared / "accelerate_ddp", args.reps)
     timed("floor: write halves (ddp)", floor_ddp, None, args.reps)
-    del model, opt, inner, torch_opt, tensors
+    model = opt = inner = torch_opt = tensors = None  # the DDP copy goes before the FSDP2 one comes
     acc.free_memory()
     gc.collect()
 
@@ -321,31 +319,16 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     out = OUT / f"save-{layers}x64MB.json"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    # The worker's settings travel in the environment (torchrun's parser would take
-    # abbreviations of its own options from the script's arguments).
-    env["GRAFT_BENCH_WORKER"] = json.dumps({"layers": layers, "work": str(work), "out": str(out), "reps": args.reps})
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), __file__]
     state = 3 * layers * ROWS * COLS * 4
     print(f"model {layers * ROWS * COLS * 4 / 2**30:.2f} GiB ({layers} layers) + AdamW state: {state / 2**30:.2f} GiB to "
           f"save; reps {args.reps}; 2 processes, gloo on CPU; {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}; checkpoints in {work}", flush=True)
     try:
-        subprocess.run(cmd, check=True, env=env)
+        launch_workers(__file__, {"layers": layers, "work": str(work), "out": str(out), "reps": args.reps})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(summarise(json.loads(out.read_text()), state))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
