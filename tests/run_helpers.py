@@ -49,8 +49,10 @@ def logical_state(folder) -> dict:
     import torch
     from safetensors import safe_open
 
+    from graft.checkpointing import layout
+
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / layout.MANIFEST).read_text())
     pieces: dict[str, dict] = {}
     for rel in manifest["files"]:
         if rel.endswith(".safetensors"):
@@ -61,17 +63,17 @@ def logical_state(folder) -> dict:
                     pieces.setdefault(name, {})[start] = (stop, f.get_tensor(key))
     out = {}
     for name, t in manifest["tensors"].items():
-        if name.startswith("rank/") and "/rng/" in name:
+        if name.startswith(layout.RANK_PREFIX) and "/rng/" in name:
             continue
         flat = torch.cat([v for _, (_, v) in sorted(pieces.get(name, {}).items())]) if pieces.get(name) else \
             torch.empty(0, dtype=getattr(torch, t["dtype"]))
         out[name] = flat.reshape(t["shape"])
-    state = json.loads((folder / "state.json").read_text())
+    state = json.loads((folder / layout.STATE).read_text())
     out["state.json:adapter"] = state["adapter"]
     engine = [r["adapter"] for r in state["ranks"] if r.get("adapter") is not None]
     if engine:
         out["state.json:ranks.adapter"] = engine
-    out["scheduler.json"] = json.loads((folder / "scheduler.json").read_text())
+    out["scheduler.json"] = json.loads((folder / layout.SCHEDULE).read_text())
     return out
 
 

@@ -421,3 +421,27 @@ def test_sigusr1_and_sigterm_set_the_preempt_flag():
             assert flag.should_stop() and flag.name == sig.name
         finally:
             flag.uninstall()
+
+
+def test_staged_paths_write_and_read_in_bounded_pieces(tmp_path):
+    """Non-contiguous tensors take the staging path (the one GPU tensors take): the writer copies
+    them through a buffer of `staging_bytes`, the restorer reads into one and copies out."""
+    from safetensors import safe_open
+
+    from graft.checkpointing.layout import FileEntry, Manifest, Piece, TensorEntry
+    from graft.checkpointing.restore import read_ranges
+    from graft.checkpointing.shard_writer import write_shard
+
+    big = torch.arange(3000, dtype=torch.float32)
+    strided = big[::3]  # 1000 elements, not contiguous
+    w = write_shard(tmp_path / "s.safetensors", [("a", strided), ("b", big[:10].to(torch.bfloat16))],
+                    staging_bytes=256)
+    assert w.hash == layout.hash_file(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("a"), strided) and f.get_tensor("b").dtype == torch.bfloat16
+    m = Manifest(tmp_path, 2, {"s.safetensors": FileEntry(w.size, w.hash, w.algo, 0)},
+                 {"a": TensorEntry((1000,), torch.float32, [Piece("s.safetensors", w.offsets["a"], 0, 1000)])},
+                 1, "single", {})
+    dest = torch.zeros(2000)[::2]  # a non-contiguous destination: staged reads
+    read_ranges(m, [("a", 100, 900, dest[100:900])], staging_bytes=200)
+    assert torch.equal(dest[100:900], strided[100:900]) and not dest[:100].any() and not dest[900:].any()

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (run_help
 
 import torch.distributed as dist  # noqa: E402
 
+from graft.checkpointing.layout import read_manifest  # noqa: E402
 from graft.sampler import EpochSampler  # noqa: E402
 from graft.trainer import preempt  # noqa: E402
 from graft.trainer.loop import Trainer  # noqa: E402
@@ -103,7 +104,7 @@ def check(out: Path, src: str, dst: str, overrides: list[str]) -> dict:
     before, after = epoch_losses(out / src), epoch_losses(folder)
     return {"saved": saved, "differ": differ, "summary": summary, "losses_before": before,
             "losses_after": {e: after[e] for e in after if e > EPOCHS}, "strategy": t.strategy.kind,
-            "world_size": t.strategy.world, "tensors": len(json.loads((resaved / "manifest.json").read_text())["tensors"])}
+            "world_size": t.strategy.world, "tensors": len(read_manifest(resaved).tensors)}
 
 
 def preempted(out: Path, name: str, step: int, overrides: list[str]) -> dict:

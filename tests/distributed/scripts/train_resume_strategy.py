@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (run_help
 
 import torch.distributed as dist  # noqa: E402
 
+from graft.checkpointing.layout import read_manifest  # noqa: E402
 from graft.trainer import run  # noqa: E402
 from run_helpers import state_differences, step_lines, tiny_config  # noqa: E402
 
@@ -28,9 +29,9 @@ if dist.get_rank() == 0:
     for e in (2, 3, 4):
         name = f"checkpoints/epoch_{e:06d}"
         differ = state_differences(out / "straight" / name, out / "resumed" / name)
-        manifest = json.loads((out / "resumed" / name / "manifest.json").read_text())
-        ckpts[name] = {"equal": not differ, "differ": differ, "files": sorted(manifest["files"]),
-                       "tensors": sorted(manifest["tensors"])}
+        manifest = read_manifest(out / "resumed" / name)
+        ckpts[name] = {"equal": not differ, "differ": differ, "files": sorted(manifest.files),
+                       "tensors": sorted(manifest.tensors)}
     result = {
         "strategy": straight["strategy"], "world_size": straight["world_size"],
         "first_epochs": first["epochs_done"], "resumed_from": second["resumed_from"],
