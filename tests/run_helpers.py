@@ -44,7 +44,7 @@ def logical_state(folder) -> dict:
     """What must be bitwise equal between two runs, read independently of graft's restorer (the
     `safetensors` package opens every rank's shard; pieces are joined by the manifest's ranges):
     every logical tensor of the model and the optimizer, the optimizer's param groups (state.json)
-    and the schedule state, and engine-private per-rank state (the interim DeepSpeed adapter's).
+    and the schedule state, and any adapter's rank-private state.
     RNG states are left out (as before sharded checkpoints: they are not training state)."""
     import torch
     from safetensors import safe_open

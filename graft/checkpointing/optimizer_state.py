@@ -75,17 +75,10 @@ class OptimizerState:
         return [tensor_holding(name, t) for name, t in self._tensors()]
 
     def extra_state(self) -> dict:
-        groups = []
-        for g in self.optimizer.param_groups:
-            hyper = {k: v for k, v in g.items() if k != "params"}
-            groups.append({"hyper": codec.encode(hyper, _no_tensors("param_groups")),
-                           "params": [self.names[id(p)] for p in g["params"]]})
-        scalars = {}
-        for fqn, p in self.params:
-            other = {k: v for k, v in self.optimizer.state.get(p, {}).items() if not isinstance(v, torch.Tensor)}
-            if other:
-                scalars[fqn] = codec.encode(other, _no_tensors(f"state of {fqn}"))
-        return {"param_groups": groups, "scalars": scalars}
+        groups = [(g, [self.names[id(p)] for p in g["params"]]) for g in self.optimizer.param_groups]
+        scalars = {fqn: {k: v for k, v in self.optimizer.state.get(p, {}).items() if not isinstance(v, torch.Tensor)}
+                   for fqn, p in self.params}
+        return groups_state(groups, scalars)
 
     def targets(self, available: Mapping[str, tuple]) -> list[Holding]:
         mine = {fqn for fqn, _ in self.params}
@@ -99,21 +92,38 @@ class OptimizerState:
         return self.holdings()
 
     def load_extra_state(self, extra: dict) -> None:
-        groups = extra.get("param_groups", [])
-        live = self.optimizer.param_groups
-        if len(groups) != len(live):
-            raise StateMismatch(f"has {len(groups)} optimizer param groups, this run {len(live)}",
-                                "resume with the optimizer config the run was saved with")
-        for i, (g, saved) in enumerate(zip(live, groups)):
-            names = [self.names[id(p)] for p in g["params"]]
-            if names != saved["params"]:
-                raise StateMismatch(f"optimizer param group {i} holds {saved['params'][:3]}..., "
-                                    f"this run's {names[:3]}...",
-                                    "resume with the model, freezing and optimizer the run was saved with")
-            g.update(codec.decode(saved["hyper"], {}))
+        live = [(g, [self.names[id(p)] for p in g["params"]]) for g in self.optimizer.param_groups]
         by_name = dict(self.params)
-        for fqn, other in extra.get("scalars", {}).items():
-            self.optimizer.state[by_name[fqn]].update(codec.decode(other, {}))
+        for fqn, other in load_groups_state(live, extra).items():
+            self.optimizer.state[by_name[fqn]].update(other)
+
+
+def groups_state(groups: list[tuple[dict, list[str]]], scalars: dict[str, dict]) -> dict:
+    """JSON of an optimizer's param groups (hyper-parameters and the NAMES of their parameters)
+    and of its non-tensor per-parameter state; shared by every adapter, so any strategy reads it."""
+    out = []
+    for g, names in groups:
+        hyper = {k: v for k, v in g.items() if k != "params"}
+        out.append({"hyper": codec.encode(hyper, _no_tensors("param_groups")), "params": names})
+    return {"param_groups": out,
+            "scalars": {fqn: codec.encode(v, _no_tensors(f"state of {fqn}")) for fqn, v in scalars.items() if v}}
+
+
+def load_groups_state(live: list[tuple[dict, list[str]]], extra: dict) -> dict[str, dict]:
+    """Check the saved param groups against the live ones (same count, same parameter names in
+    order), put the saved hyper-parameters back; returns the non-tensor state by parameter name."""
+    groups = extra.get("param_groups", [])
+    if len(groups) != len(live):
+        raise StateMismatch(f"has {len(groups)} optimizer param groups, this run {len(live)}",
+                            "resume with the optimizer config the run was saved with")
+    for i, ((g, names), saved) in enumerate(zip(live, groups)):
+        if names != saved["params"]:
+            raise StateMismatch(f"optimizer param group {i} holds {saved['params'][:3]}..., "
+                                f"this run's {names[:3]}...",
+                                "resume with the model, freezing and optimizer the run was saved with")
+    for (g, _), saved in zip(live, groups):
+        g.update(codec.decode(saved["hyper"], {}))
+    return {fqn: codec.decode(other, {}) for fqn, other in extra.get("scalars", {}).items()}
 
 
 class _no_tensors(dict):

@@ -25,7 +25,7 @@ from graft.checkpointing.slices import Holding, StateMismatch
 KINDS = ("single", "ddp", "fsdp2")
 
 
-def _differences(saved: set[str], live: set[str], what: str) -> str | None:
+def name_differences(saved: set[str], live: set[str], what: str) -> str | None:
     missing, unexpected = sorted(live - saved), sorted(saved - live)
     if not missing and not unexpected:
         return None
@@ -52,7 +52,7 @@ class TorchAdapter:
 
     def targets(self, available: Mapping[str, tuple]) -> list[Holding]:
         model = model_holdings(self.module)
-        why = _differences({n for n in available if n.startswith(layout.MODEL_PREFIX)}, {h.name for h in model},
+        why = name_differences({n for n in available if n.startswith(layout.MODEL_PREFIX)}, {h.name for h in model},
                            "weights")
         if not why:
             wrong = [f"{h.name}: {list(h.shape)} {h.dtype} here, {list(available[h.name][0])} "
@@ -61,7 +61,7 @@ class TorchAdapter:
         if why:  # checked before the optimizer state is created: nothing has changed yet
             raise StateMismatch(f"does not fit the model: {why}", "resume with the model config the run was saved with")
         optim = self.optim.targets(available) if self.optim else []
-        why = _differences({n for n in available if n.startswith(layout.OPTIM_PREFIX)}, {h.name for h in optim},
+        why = name_differences({n for n in available if n.startswith(layout.OPTIM_PREFIX)}, {h.name for h in optim},
                            "optimizer state")
         if why:
             raise StateMismatch(f"does not fit the optimizer: {why}",

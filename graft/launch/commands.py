@@ -7,7 +7,7 @@ Slurm example and the tests all agree:
 |---------------|-----------------------------------------------|-------------------------------------------|
 | ddp           | accelerate launch, configs/accelerate/ddp.yaml | same, plus ACCELERATE_USE_CPU=true (gloo) |
 | fsdp          | accelerate launch, configs/accelerate/fsdp2.yaml | torchrun; the trainer calls fully_shard |
-| zero2 / zero3 | accelerate launch, deepspeed.yaml + configs/deepspeed/zeroN.json | same (DeepSpeed picks gloo) |
+| zero1 / zero2 / zero3 | accelerate launch, deepspeed.yaml + configs/deepspeed/zeroN.json | same (DeepSpeed picks gloo) |
 
 Why the CPU column differs (all seen on the project's machines, see shared/ENVIRONMENT.md):
 accelerate's `--cpu` and MULTI_CPU configs want mpirun and silently start ONE process;
@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
-STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+ZERO = ("zero1", "zero2", "zero3")
 DEVICES = ("auto", "cpu", "gpu")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -38,10 +39,12 @@ ACCELERATE_CONFIGS = {
     "single": CONFIGS / "accelerate" / "single.yaml",
     "ddp": CONFIGS / "accelerate" / "ddp.yaml",
     "fsdp": CONFIGS / "accelerate" / "fsdp2.yaml",
+    "zero1": CONFIGS / "accelerate" / "deepspeed.yaml",
     "zero2": CONFIGS / "accelerate" / "deepspeed.yaml",
     "zero3": CONFIGS / "accelerate" / "deepspeed.yaml",
 }
 DEEPSPEED_CONFIGS = {
+    "zero1": CONFIGS / "deepspeed" / "zero1.json",
     "zero2": CONFIGS / "deepspeed" / "zero2.json",
     "zero3": CONFIGS / "deepspeed" / "zero3.json",
 }
@@ -63,7 +66,7 @@ class LaunchOptions:
     nproc: int = 1
     """Processes on this machine (one per GPU; on a CPU-only machine, CPU processes)."""
     strategy: str = "ddp"
-    """ddp | fsdp (FSDP2) | zero2 | zero3 (DeepSpeed ZeRO stage 2 or 3)."""
+    """ddp | fsdp (FSDP2) | zero1 | zero2 | zero3 (DeepSpeed ZeRO stage 1, 2 or 3)."""
     nodes: int = 1
     """Machines in the job; each runs this same command with its own node_rank."""
     node_rank: int = 0
@@ -79,7 +82,7 @@ class LaunchOptions:
     accelerate_config: str | None = None
     """An accelerate YAML to use instead of the strategy's one from configs/accelerate/."""
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON to use instead of configs/deepspeed/zeroN.json (zero2/zero3 only)."""
+    """A DeepSpeed JSON to use instead of configs/deepspeed/zeroN.json (zero1/zero2/zero3 only)."""
     script: str = "train.py"
     """The training script (relative paths are tried in the working folder, then the repo)."""
 
@@ -101,8 +104,8 @@ class LaunchOptions:
                              "(under Slurm: the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`)")
         if self.main_port is not None and not 1 <= self.main_port <= 65535:
             raise ValueError(f"main_port={self.main_port} is not a TCP port")
-        if self.deepspeed_config and self.strategy not in ("zero2", "zero3"):
-            raise ValueError(f"deepspeed_config={self.deepspeed_config!r} needs strategy zero2 or zero3, "
+        if self.deepspeed_config and self.strategy not in ZERO:
+            raise ValueError(f"deepspeed_config={self.deepspeed_config!r} needs strategy zero1, zero2 or zero3, "
                              f"not {self.strategy!r}")
 
     @property
@@ -204,7 +207,7 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
                 script, *script_args]
         return Command(argv, env, notes)
 
-    deepspeed = opts.strategy in ("zero2", "zero3")
+    deepspeed = opts.strategy in ZERO
     single = opts.world_size == 1 and not deepspeed
     cfg_key = "single" if single and opts.strategy == "ddp" else opts.strategy
     if single and opts.strategy == "fsdp":

@@ -45,7 +45,7 @@ def _add_launch_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nproc", type=int, default=None,
                    help="processes on this machine (default: the GPUs torch sees, else 1)")
     g.add_argument("--strategy", choices=STRATEGIES, default=None,
-                   help="ddp | fsdp (FSDP2) | zero2 | zero3 (DeepSpeed); default: fsdp when the config "
+                   help="ddp | fsdp (FSDP2) | zero1 | zero2 | zero3 (DeepSpeed); default: fsdp when the config "
                         "says train.strategy: fsdp2, else ddp")
     g.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto: GPU when torch sees one, else CPU (gloo)")
@@ -268,7 +268,7 @@ def cmd_resume(args) -> int:
         # needs them. --nproc / --strategy may differ: the checkpoint is world-size-free.
         world, strategy = saved.get("world_size"), SAVED_STRATEGY.get(saved.get("strategy"))
         if saved.get("strategy") == "deepspeed":
-            strategy = {2: "zero2", 3: "zero3"}.get(saved.get("zero_stage"))
+            strategy = {1: "zero1", 2: "zero2", 3: "zero3"}.get(saved.get("zero_stage"))
         picked = []
         if args.nproc is None and isinstance(world, int) and world % args.nodes == 0:
             args.nproc = world // args.nodes

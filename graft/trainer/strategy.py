@@ -10,7 +10,8 @@
 Each strategy wraps the model (`shard`, `prepare`) and gives the checkpoint its StateAdapter
 (`adapter`): what this rank holds of every logical tensor, and where a restore writes it.
 Nothing is gathered: single, DDP and FSDP2 share `TorchAdapter` (plain tensors are
-replicated, FSDP2 DTensors held as their rows); DeepSpeed has its own.
+replicated, FSDP2 DTensors held as their rows); DeepSpeed has `ZeroAdapter` (its flat
+partitions as the same logical tensors).
 """
 
 from __future__ import annotations
@@ -138,10 +139,9 @@ class DeepSpeed(Strategy):
         return self.acc.prepare(model, optimizer)
 
     def adapter(self, model, optimizer) -> StateAdapter:
-        # INTERIM (same world size and stage only) until the ZeRO adapter of issue 10 replaces it.
-        from graft.checkpointing.deepspeed_engine import DeepSpeedEngineState
+        from graft.checkpointing.zero import ZeroAdapter
 
-        return DeepSpeedEngineState(model, self.zero_stage, self.rank, self.world)
+        return ZeroAdapter(model)
 
     def describe(self) -> dict:
         return {"strategy": self.kind, "zero_stage": self.zero_stage}
