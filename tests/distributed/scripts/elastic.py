@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (run_helpers)
@@ -41,7 +42,9 @@ EPOCHS = 2
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    # A plan may start with a check, before the trainer has made the process group: the launcher's
+    # RANK says who copies the run then.
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def barrier() -> None:
@@ -54,9 +57,16 @@ def epoch_losses(run_dir: Path) -> dict[int, float]:
 
 
 def copy_run(out: Path, src: str, dst: str) -> Path:
+    """OUT/SRC copied to OUT/DST by rank 0 (under a temporary name, renamed when complete: the other
+    ranks wait for the name, since there may be no process group to wait on yet)."""
     if rank() == 0:
         shutil.rmtree(out / dst, ignore_errors=True)
-        shutil.copytree(out / src, out / dst)
+        shutil.copytree(out / src, out / f".{dst}.copying")
+        os.rename(out / f".{dst}.copying", out / dst)
+    deadline = time.monotonic() + 120
+    while not (out / dst).exists():
+        assert time.monotonic() < deadline, f"rank 0 did not copy {src} to {dst}"
+        time.sleep(0.1)
     barrier()
     return out / dst
 
