@@ -166,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except GraftError as e:
-        print(f"graft: error: {e}", file=sys.stderr)
+        # A bad checkpoint, plan or config: the user's to fix, so one line and exit 2 (argparse's
+        # code for bad input). Any other exception is a bug and keeps its traceback.
+        print(f"graft: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line ('path: problem; way out: ...')."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from graft.loading.broadcast import (
     distributed_load,
 )
 from graft.loading.formats import Checkpoint, OpenOptions, open_checkpoint
+from graft.loading.formats.base import checkpoint_errors
 from graft.loading.plan import LoadPlan, OnMismatch
 from graft.loading.plan import plan as make_plan
 from graft.loading.report import LoadReport
@@ -39,7 +40,10 @@ def open(
     """Open a checkpoint lazily (names, shapes, dtypes; no tensor read). See OpenOptions."""
     options = OpenOptions(container=container, allow_globals=tuple(allow_globals), trust_pickle=trust_pickle,
                           tag=tag, model_index=model_index, extra=extra)
-    return open_checkpoint(path, options, format=format)
+    # Readers parse untrusted bytes; whatever low-level error escapes one (permission denied,
+    # an I/O error, a parser's ValueError) reaches the caller as a CheckpointError naming the file.
+    with checkpoint_errors(path):
+        return open_checkpoint(path, options, format=format)
 
 
 def plan(

@@ -5,6 +5,12 @@ is asked for. Formats whose tensors are plain byte ranges of a file (safetensors
 zip files, DeepSpeed fp32 partitions...) describe them as `Span`s; the base class then
 reads those bytes straight into the destination's memory, in file order, after telling
 the kernel exactly which ranges are coming (so read-ahead fetches nothing we discard).
+
+It is also the one place where low-level failures become `CheckpointError`s:
+`checkpoint_errors(path)` wraps every entry into untrusted bytes (opening a checkpoint,
+opening a shard lazily, reading tensors) and turns an OSError (permission denied, I/O
+error, a file that vanished) or an exception a parser raises on malformed bytes into an
+error naming the file, the problem and the way out, chained to the original.
 """
 
 from __future__ import annotations
@@ -12,19 +18,88 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import pickle
+import struct
+import zipfile
 from abc import ABC, abstractmethod
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
-from graft.errors import CheckpointError
+from graft.errors import CheckpointError, GraftError
 
 # Large reads are split so a progress bar moves and one syscall never exceeds Linux's
 # 2 GiB read cap.
 _READ_CHUNK = 64 << 20
+
+
+# What the file system and parsers of untrusted bytes raise. Deliberately not TypeError,
+# KeyError, AttributeError or AssertionError: readers check the types they rely on
+# themselves, so those mean a bug in graft, and a bug keeps its traceback.
+_LOW_LEVEL = (OSError, ValueError, OverflowError, RecursionError, EOFError, struct.error,
+              zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+def as_checkpoint_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
+    """The CheckpointError that says what `e`, raised while reading `path`, means for the user."""
+    if isinstance(e, OSError):
+        where = e.filename if isinstance(e.filename, (str, bytes, os.PathLike)) else path
+        reason = e.strerror or str(e)
+        if isinstance(e, PermissionError):
+            return CheckpointError(where, f"cannot be read: permission denied ({reason})",
+                                   "give this user read access to the file and search (x) access to"
+                                   " every folder above it (ls -l, chmod, or run as its owner)")
+        if isinstance(e, FileNotFoundError):
+            return CheckpointError(where, f"disappeared while graft was reading it ({reason})",
+                                   "another process moved or deleted it; wait for it, or copy the"
+                                   " checkpoint somewhere stable")
+        return CheckpointError(where, f"cannot be read: {reason}",
+                               "check the file system (dmesg, mount, free space) and read access;"
+                               " copy the checkpoint elsewhere if the storage is failing")
+    return CheckpointError(path, f"cannot be read ({type(e).__name__}: {str(e)[:300]})",
+                           "the file is damaged or not what its name says; write or copy it again")
+
+
+@contextmanager
+def checkpoint_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a low-level failure inside the block into a CheckpointError about `path` (GraftErrors pass)."""
+    try:
+        yield
+    except GraftError:
+        raise
+    except _LOW_LEVEL as e:
+        raise as_checkpoint_error(path, e) from e
+
+
+def file_sizes(files: Iterable[str]) -> dict[str, int]:
+    """The current size of each file (one fstat each), as CheckpointErrors if one cannot be opened."""
+    sizes = {}
+    for file in files:
+        with checkpoint_errors(file):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                sizes[file] = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return sizes
+
+
+def check_spans_fit(spans: Iterable[tuple[str, Span]], sizes: dict[str, int]) -> None:
+    """Every (key, span) lies inside its file as it is now, or a CheckpointError naming both."""
+    for key, span in spans:
+        size = sizes[span.file]
+        if span.offset + span.nbytes > size:
+            raise CheckpointError(
+                span.file,
+                f"truncated: {key!r} needs bytes [{span.offset}, {span.offset + span.nbytes})"
+                f" but the file has {size} bytes",
+                "the file was cut short (interrupted copy or download, or it shrank after it was"
+                " opened); copy it again",
+            )
 
 
 @dataclass(frozen=True)
@@ -119,26 +194,8 @@ class Checkpoint(ABC):
 
     def validate(self, keys: Iterable[str]) -> None:
         """Check, before any copy starts, that every byte the keys need is on disk."""
-        sizes: dict[str, int] = {}
-        for key in keys:
-            span = self.span(key)
-            if span is None:
-                continue
-            if span.file not in sizes:
-                try:
-                    sizes[span.file] = os.path.getsize(span.file)
-                except OSError as e:
-                    raise CheckpointError(
-                        span.file, f"cannot stat the file holding {key!r}: {e}",
-                        "restore the missing file or point graft at a complete checkpoint",
-                    ) from e
-            if span.offset + span.nbytes > sizes[span.file]:
-                raise CheckpointError(
-                    span.file,
-                    f"truncated: {key!r} needs bytes [{span.offset}, {span.offset + span.nbytes})"
-                    f" but the file has {sizes[span.file]} bytes",
-                    "the file was cut short (interrupted copy or download); copy it again",
-                )
+        spans = [(key, span) for key in keys if (span := self.span(key)) is not None]
+        check_spans_fit(spans, file_sizes({span.file for _, span in spans}))
 
     def tensor(self, key: str) -> torch.Tensor:
         """A CPU tensor with the checkpoint's values of `key` (fresh memory or a file view)."""
@@ -157,22 +214,30 @@ class Checkpoint(ABC):
         Spanned tensors are read with pread straight into `out`, grouped by file and in
         offset order; the rest are copied from `_materialize`.
         """
-        by_file: dict[str, list[tuple[Span, torch.Tensor]]] = defaultdict(list)
-        for key, out in requests:
-            meta = self.meta(key)
-            assert out.device.type == "cpu" and out.is_contiguous(), key
-            assert out.dtype == meta.dtype and out.numel() == meta.numel, key
-            span = self.span(key)
-            if span is None:
-                out.copy_(self._materialize(key).reshape(out.shape))
-                self.bytes_read += meta.nbytes
-                if on_bytes:
-                    on_bytes(meta.nbytes)
-            else:
-                by_file[span.file].append((span, out))
-        for file, items in by_file.items():
-            items.sort(key=lambda item: item[0].offset)
-            self.bytes_read += read_spans(file, items, on_bytes)
+        with checkpoint_errors(self.path):
+            by_file: dict[str, list[tuple[Span, torch.Tensor]]] = defaultdict(list)
+            spanned = []
+            for key, out in requests:
+                meta = self.meta(key)
+                assert out.device.type == "cpu" and out.is_contiguous(), key
+                assert out.dtype == meta.dtype and out.numel() == meta.numel, key
+                span = self.span(key)
+                if span is not None:
+                    by_file[span.file].append((span, out))
+                    spanned.append((key, span))
+            # Every file's size again, right before the first byte lands in `out`: a file that
+            # shrank since `validate` fails here with nothing written.
+            check_spans_fit(spanned, file_sizes(by_file))
+            for key, out in requests:
+                if self.span(key) is None:
+                    nbytes = self.meta(key).nbytes
+                    out.copy_(self._materialize(key).reshape(out.shape))
+                    self.bytes_read += nbytes
+                    if on_bytes:
+                        on_bytes(nbytes)
+            for file, items in by_file.items():
+                items.sort(key=lambda item: item[0].offset)
+                self.bytes_read += read_spans(file, items, on_bytes)
 
     def close(self) -> None:
         """Release open files and maps."""
@@ -214,6 +279,21 @@ def spans_are_dense(file: str, spans: Sequence[Span]) -> bool:
 
 
 def read_spans(
+    file: str,
+    items: Sequence[tuple[Span, torch.Tensor]],
+    on_bytes: Callable[[int], None] | None = None,
+    dense: bool | None = None,
+) -> int:
+    """pread each span of one file into its tensor (see `_read_spans`); returns the bytes read.
+
+    Any failure of the file system (permission, I/O error, the file gone) is a CheckpointError
+    naming `file`, also when it is raised in the helper reader thread.
+    """
+    with checkpoint_errors(file):
+        return _read_spans(file, items, on_bytes, dense)
+
+
+def _read_spans(
     file: str,
     items: Sequence[tuple[Span, torch.Tensor]],
     on_bytes: Callable[[int], None] | None = None,

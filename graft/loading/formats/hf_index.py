@@ -3,16 +3,26 @@
 Key names come from the index's weight_map alone; a shard is opened (its header, or its
 pickle on the meta device) only when a key it holds is asked for, so planning a changed
 model touches only the shards that hold a planned key.
+
+The index is untrusted: it is parsed by the bounded JSON parser, and every shard it names
+must lie inside the index's folder. That test is lexical (the entry is a relative path
+with no `..` component), not on the resolved target: the Hugging Face
+cache keeps `snapshots/<rev>/model-00001-of-00002.safetensors` as a symlink to
+`../../blobs/<sha>`, which must keep working, while `../x`, `/etc/x` and `a/../../x` in a
+downloaded index must not make graft read files the checkpoint does not own.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats import json_file
+from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, checkpoint_errors
 
+# What a shard may be: one file of tensors (never another index or a folder format).
+SHARD_FORMATS = ("safetensors", "torch")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
@@ -29,6 +39,25 @@ def find_index(path: Path) -> Path | None:
     return None
 
 
+def shard_path(index_path: Path, folder: Path, key: str, entry: object) -> str:
+    """folder/entry, refused unless `entry` is a relative path that stays inside `folder`.
+
+    Lexical on purpose (see the module docstring): symlinks inside the folder may point
+    anywhere, as the Hugging Face cache's do; the index itself may not. A `..` component is
+    refused even where it would stay inside (`sub/../x`): the kernel resolves `sub/..`
+    through `sub` if that is a symlink, so only a path without `..` means what it says.
+    """
+    way_out = "the index is corrupt or hostile; use the index its writer published, or regenerate it"
+    if not isinstance(entry, str):
+        raise CheckpointError(index_path, f"weight_map[{key!r}] is a JSON {json_file.type_name(entry)},"
+                              " not a shard file name", way_out)
+    parts = [p for p in entry.split("/") if p not in ("", ".")]
+    if not parts or "\0" in entry or os.path.isabs(entry) or ".." in parts:
+        raise CheckpointError(index_path, f"weight_map[{key!r}] = {entry[:200]!r} is not a file inside"
+                              f" the index's folder {folder}", way_out)
+    return str(folder.joinpath(*parts))
+
+
 class HFIndex(Checkpoint):
     format = "hf-index"
     describes = "a sharded Hugging Face checkpoint (*.index.json, or a folder holding one)"
@@ -40,16 +69,19 @@ class HFIndex(Checkpoint):
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
         self.index_path = find_index(self.path)
-        try:
-            index = json.loads(self.index_path.read_text())
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (json.JSONDecodeError, KeyError, AssertionError, UnicodeDecodeError) as e:
-            raise CheckpointError(self.index_path, f"is not a valid index (needs a 'weight_map' object): {e}",
-                                  "regenerate the index with save_pretrained / save_model") from e
-        self.metadata = index.get("metadata", {})
+        index = json_file.read(self.index_path, "the index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(self.index_path, f"is not a valid index: 'weight_map' is"
+                                  f" {json_file.type_name(weight_map) if 'weight_map' in index else 'missing'},"
+                                  " not an object", "regenerate the index with save_pretrained / save_model")
+        self.metadata = index.get("metadata") or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(self.index_path, f"is not a valid index: 'metadata' is a JSON"
+                                  f" {json_file.type_name(self.metadata)}, not an object",
+                                  "regenerate the index with save_pretrained / save_model")
         folder = self.index_path.parent
-        self._shard_of = {k: str(folder / v) for k, v in weight_map.items()}
+        self._shard_of = {k: shard_path(self.index_path, folder, k, v) for k, v in weight_map.items()}
         missing = sorted({f for f in self._shard_of.values() if not Path(f).is_file()})
         if missing:
             raise CheckpointError(
@@ -64,8 +96,15 @@ class HFIndex(Checkpoint):
         if file not in self._shards:
             from graft.loading.formats import open_checkpoint
 
-            shard = open_checkpoint(file, self.options)
-            unknown = [k for k, f in self._shard_of.items() if f == file and k not in set(shard.keys())]
+            with checkpoint_errors(file):
+                shard = open_checkpoint(file, self.options)
+            if shard.format not in SHARD_FORMATS:  # e.g. an index naming itself: endless recursion
+                shard.close()
+                raise CheckpointError(self.index_path, f"names {file} as a shard, but it is a"
+                                      f" {shard.format} checkpoint, not one file of tensors",
+                                      "the index is corrupt; regenerate it")
+            held = set(shard.keys())
+            unknown = [k for k, f in self._shard_of.items() if f == file and k not in held]
             if unknown:
                 raise CheckpointError(file, f"the index places {unknown[:5]} here, but the shard lacks them",
                                       "the index and the shards disagree; regenerate the index")
