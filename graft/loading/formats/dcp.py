@@ -2,9 +2,11 @@
 
 Names, shapes and dtypes come from `.metadata` alone. Each tensor is stored as one or more
 chunks (one per rank under FSDP), each chunk a small `torch.save` record at (file, offset,
-length). We read no record whole: the record's zip directory gives the byte range of its
-values, and those bytes are pread straight into the destination's region of the tensor.
-No process group is needed, and only the planned tensors are read.
+length). The chunks are checked against the tensor's shape on open (inside it, tiling it
+exactly, each record long enough), so a lying `.metadata` fails before anything is
+allocated. We read no record whole: the record's zip structure (`torch_zip.Archive`) gives
+the byte range of its values, and those bytes are pread straight into the destination's
+region of the tensor. No process group is needed, and only the planned tensors are read.
 
 `.metadata` is a pickle. It is unpickled with an allowlist of DCP's own metadata classes
 (no code from the file runs); `trust_pickle=True` lifts that for files you trust.
@@ -13,6 +15,7 @@ No process group is needed, and only the planned tensors are read.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
@@ -24,6 +27,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, read_spans
+from graft.loading.formats.torch_zip import Archive, byte_range, check_view, read_tensor
 
 METADATA = ".metadata"
 # Top-level groups that training code saves beside the model; never offered as model keys.
@@ -55,13 +59,17 @@ _SAFE_GLOBALS = {
 }
 
 
+class _BlockedGlobal(pickle.UnpicklingError):
+    """A global outside the allowlist: a question of trust, not of damage."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         if name in _SAFE_GLOBALS.get(module, ()):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
+        raise _BlockedGlobal(f"global {module}.{name} is not allowed in DCP metadata")
 
 
 def read_metadata(folder: Path, trust_pickle: bool = False):
@@ -79,50 +87,20 @@ def read_metadata(folder: Path, trust_pickle: bool = False):
     try:
         with open(path, "rb") as f:
             md = pickle.load(f) if trust_pickle else _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as e:
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                              "check that the file exists and that this user may read it") from e
+    except _BlockedGlobal as e:
         raise CheckpointError(path, f"cannot be unpickled safely: {e}",
                               "if the folder comes from a source you trust completely, pass"
                               " trust_pickle=True") from e
-    except (EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as e:
-        raise CheckpointError(path, f"is corrupt or truncated ({type(e).__name__}: {e})",
+    except Exception as e:  # noqa: BLE001 - any fault of the untrusted pickle is the file's
+        raise CheckpointError(path, f"is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})",
                               "the save was interrupted; use an earlier checkpoint") from e
     if not isinstance(md, Metadata) or not isinstance(md.storage_data, dict):
         raise CheckpointError(path, f"holds a {type(md).__name__}, not DCP metadata with storage data",
                               "point graft at a folder written by torch.distributed.checkpoint.save")
     return md
-
-
-class _FileSlice(io.RawIOBase):
-    """A read-only view of bytes [start, start + length) of an open file, as its own file.
-
-    torch.load reads a record's zip directory through it, so only those few KB are read.
-    """
-
-    def __init__(self, f, start: int, length: int):
-        self._f, self._start, self._len, self._pos = f, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}[whence]
-        self._pos = max(0, min(self._len, base + pos))
-        return self._pos
-
-    def readinto(self, buf) -> int:
-        n = min(len(buf), self._len - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        got = self._f.readinto(memoryview(buf)[:n])
-        self._pos += got
-        return got
 
 
 @dataclass(frozen=True)
@@ -136,6 +114,10 @@ class _Chunk:
     offset: int
     length: int
     transforms: tuple[str, ...]
+    dtype: torch.dtype
+
+    def where(self) -> str:
+        return f"the record of {self.fqn!r} at bytes [{self.offset}, {self.offset + self.length}): "
 
     def region(self, full: torch.Tensor) -> torch.Tensor:
         for dim, (o, s) in enumerate(zip(self.offsets, self.sizes)):
@@ -153,27 +135,16 @@ class DCPFolder(Checkpoint):
 
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
-        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.metadata = read_metadata(self.path, options.trust_pickle)
         sdm = self.metadata.state_dict_metadata
         tensors = {k: v for k, v in sdm.items() if isinstance(v, TensorStorageMetadata)}
         self._fqn = self._select(tensors, sdm)  # our key -> fqn in the checkpoint
         self._md = {k: tensors[fqn] for k, fqn in self._fqn.items()}
-        self._chunks: dict[str, list[_Chunk]] = {}
-        for key, fqn in self._fqn.items():
-            chunks = []
-            for c in self._md[key].chunks:
-                info = self.metadata.storage_data.get(MetadataIndex(fqn, c.offsets))
-                if info is None:
-                    raise CheckpointError(self.path / METADATA,
-                                          f"names no storage for chunk {list(c.offsets)} of {fqn!r}",
-                                          "the metadata is inconsistent; use another checkpoint")
-                chunks.append(_Chunk(fqn, tuple(c.offsets), tuple(c.sizes),
-                                     str(self.path / info.relative_path), int(info.offset), int(info.length),
-                                     tuple(getattr(info, "transform_descriptors", None) or ())))
-            self._chunks[key] = chunks
-        self._located: dict[_Chunk, tuple[int, int] | None] = {}
+        # Every chunk checked against the tensor's shape before anything is allocated or read.
+        self._chunks = {key: self._chunks_of(fqn, self._md[key]) for key, fqn in self._fqn.items()}
+        self._records: dict[_Chunk, torch.Tensor | None] = {}
         self._step: int | None | bool = False  # False: not looked up yet
 
     # -- which keys are the model's ------------------------------------------------
@@ -217,7 +188,8 @@ class DCPFolder(Checkpoint):
 
     def files(self) -> list[str]:
         """Every data file the metadata names (model or not)."""
-        return sorted({str(self.path / i.relative_path) for i in self.metadata.storage_data.values()})
+        return sorted({str(self.path / i.relative_path) for i in self.metadata.storage_data.values()
+                       if isinstance(getattr(i, "relative_path", None), str)})
 
     def info(self) -> dict:
         files = self.files()
@@ -257,65 +229,116 @@ class DCPFolder(Checkpoint):
         return self._step
 
     def _read_fqn(self, fqn: str, md) -> torch.Tensor:
+        chunks = self._chunks_of(fqn, md)
+        self._validate_chunks(chunks)
+        out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for chunk in chunks:
+            chunk.region(out).copy_(self._load_chunk(chunk))
+        return out
+
+    # -- the metadata, checked -------------------------------------------------------
+    def _chunks_of(self, fqn: str, md) -> list[_Chunk]:
+        """The tensor's chunks, each with its storage record, after checking that they lie
+        inside the tensor and tile it exactly (no gap, no overlap), and that each record is
+        long enough for its chunk's values: a `.metadata` that lies fails here, naming the key."""
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        (c,) = md.chunks
-        info = self.metadata.storage_data[MetadataIndex(fqn, c.offsets)]
-        chunk = _Chunk(fqn, tuple(c.offsets), tuple(c.sizes), str(self.path / info.relative_path),
-                       int(info.offset), int(info.length), tuple(getattr(info, "transform_descriptors", None) or ()))
-        return self._load_chunk(chunk)
+        where = self.path / METADATA
+
+        def bad(problem: str, cause: BaseException | None = None):
+            err = CheckpointError(where, f"{fqn!r}: {problem}",
+                                  "the metadata is damaged or from another save; use another checkpoint")
+            raise err from cause
+
+        try:
+            shape = _int_tuple(md.size)
+            dtype = md.properties.dtype
+            raw_chunks = list(md.chunks)
+        except Exception as e:  # noqa: BLE001 - malformed untrusted metadata
+            bad(f"malformed tensor metadata ({type(e).__name__}: {e})", e)
+        if shape is None or not isinstance(dtype, torch.dtype):
+            bad(f"malformed tensor metadata (size {md.size!r}, dtype {getattr(md.properties, 'dtype', None)!r})")
+        chunks = []
+        for c in raw_chunks:
+            offsets, sizes = _int_tuple(getattr(c, "offsets", None)), _int_tuple(getattr(c, "sizes", None))
+            if offsets is None or sizes is None or len(offsets) != len(shape) or len(sizes) != len(shape):
+                bad(f"a chunk with malformed offsets/sizes {getattr(c, 'offsets', None)!r},"
+                    f" {getattr(c, 'sizes', None)!r} for a tensor of shape {list(shape)}")
+            if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+                bad(f"the chunk at {list(offsets)} of size {list(sizes)} lies outside the tensor's"
+                    f" shape {list(shape)}")
+            info = self.metadata.storage_data.get(MetadataIndex(fqn, offsets))
+            if info is None:
+                bad(f"names no storage for the chunk at {list(offsets)}")
+            rel, offset, length = (getattr(info, "relative_path", None), getattr(info, "offset", None),
+                                   getattr(info, "length", None))
+            if not isinstance(rel, (str, os.PathLike)) or type(offset) is not int or type(length) is not int \
+                    or offset < 0 or length < 0:
+                bad(f"malformed storage entry for the chunk at {list(offsets)}: {info!r}"[:300])
+            rel = Path(rel)
+            if rel.is_absolute() or ".." in rel.parts:
+                bad(f"the chunk at {list(offsets)} names a file outside the checkpoint folder: {str(rel)!r}")
+            transforms = tuple(getattr(info, "transform_descriptors", None) or ())
+            nbytes = math.prod(sizes) * dtype.itemsize
+            if not transforms and nbytes > length:
+                bad(f"the chunk at {list(offsets)} of size {list(sizes)} needs {nbytes} bytes, but its"
+                    f" record is {length} bytes")
+            chunks.append(_Chunk(fqn, offsets, sizes, str(self.path / rel), offset, length, transforms, dtype))
+        _check_tiling(shape, chunks, bad)
+        return chunks
 
     # -- where the bytes are ---------------------------------------------------------
+    def _record(self, chunk: _Chunk) -> torch.Tensor | None:
+        """The chunk's record (a small torch.save archive inside the .distcp file) parsed and
+        checked: the meta tensor it holds, with its bytes located; None if transformed."""
+        if chunk not in self._records:
+            t = None
+            if not chunk.transforms:  # compressed or otherwise transformed records are loaded
+                t = Archive(chunk.file, chunk.offset, chunk.length, context=chunk.where()).load()
+                self._check_record(chunk, t)
+                check_view(t, chunk.file, chunk.fqn)
+            self._records[chunk] = t
+        return self._records[chunk]
+
+    @staticmethod
+    def _check_record(chunk: _Chunk, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(chunk.file, f"{chunk.where()}holds a {type(t).__name__}, not a tensor",
+                                  "the metadata and the data disagree; use another checkpoint")
+        if tuple(t.shape) != chunk.sizes or t.dtype != chunk.dtype:
+            raise CheckpointError(chunk.file, f"{chunk.where()}holds {list(t.shape)} x {t.dtype}, the"
+                                  f" metadata says {list(chunk.sizes)} x {chunk.dtype}",
+                                  "the metadata and the data disagree; use another checkpoint")
+
     def _locate(self, chunk: _Chunk) -> tuple[int, int] | None:
         """(absolute offset, nbytes) of the chunk's values if stored raw and contiguous."""
-        if chunk in self._located:
-            return self._located[chunk]
-        loc = None
-        if not chunk.transforms:  # compressed or otherwise transformed records are loaded
-            with open(chunk.file, "rb") as f:
-                t = self._torch_load(chunk, _FileSlice(f, chunk.offset, chunk.length), "meta")
-            base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-            if base is not None and t.is_contiguous() and tuple(t.shape) == chunk.sizes:
-                start = base + t.storage_offset() * t.element_size()
-                nbytes = t.numel() * t.element_size()
-                if start + nbytes > chunk.length:
-                    raise CheckpointError(chunk.file, f"the record of {chunk.fqn!r} at byte {chunk.offset}"
-                                          " places its values beyond the record's end",
-                                          "the file is corrupt; use another checkpoint")
-                loc = (chunk.offset + start, nbytes)
-        self._located[chunk] = loc
-        return loc
-
-    def _torch_load(self, chunk: _Chunk, stream, map_location) -> torch.Tensor:
-        try:
-            t = torch.load(stream, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(chunk.file, f"the record of {chunk.fqn!r} at bytes [{chunk.offset},"
-                                  f" {chunk.offset + chunk.length}) cannot be read ({str(e).splitlines()[0]})",
-                                  "the file is corrupt or truncated; use another checkpoint") from e
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(chunk.file, f"the record of {chunk.fqn!r} holds a {type(t).__name__}",
-                                  "the metadata and the data disagree; use another checkpoint")
-        return t
+        t = self._record(chunk)
+        where = None if t is None else byte_range(t, chunk.file, chunk.fqn)
+        return None if where is None else where[1:]
 
     def _load_chunk(self, chunk: _Chunk) -> torch.Tensor:
-        """The chunk as a tensor, through torch.load (and DCP's stream transforms if any)."""
-        with open(chunk.file, "rb") as f:
-            stream = _FileSlice(f, chunk.offset, chunk.length)
-            if chunk.transforms:
-                # Only DCP knows its transform extensions (compression...); its own loader
-                # reads them the same way.
-                from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
+        """The chunk as a CPU tensor: its record's bytes, or DCP's stream transforms undone."""
+        t = self._record(chunk)
+        if t is not None:
+            return read_tensor(t, chunk.file, chunk.fqn)
+        # Only DCP knows its transform extensions (compression...); its own loader reads
+        # them the same way. The record is in memory then: its length was checked against
+        # the file's size.
+        from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
 
-                try:
-                    stream = io.BytesIO(_StorageReaderTransforms().transform_load_stream(
-                        None, chunk.transforms, stream).read())
-                except Exception as e:
-                    raise CheckpointError(chunk.file, f"cannot undo the transforms {list(chunk.transforms)}"
-                                          f" of {chunk.fqn!r}: {e}",
-                                          "read it with the torch version that wrote it") from e
-            t = self._torch_load(chunk, stream, "cpu")
-        return t.reshape(chunk.sizes)
+        try:
+            with open(chunk.file, "rb") as f:
+                f.seek(chunk.offset)
+                raw = io.BytesIO(f.read(chunk.length))
+            stream = io.BytesIO(_StorageReaderTransforms().transform_load_stream(
+                None, chunk.transforms, raw).read())
+            t = torch.load(stream, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any fault of the untrusted record is the file's
+            raise CheckpointError(chunk.file, f"{chunk.where()}cannot be read through its transforms"
+                                  f" {list(chunk.transforms)} ({type(e).__name__}: {str(e)[:200]})",
+                                  "the file is corrupt, or read it with the torch version that wrote it") from e
+        self._check_record(chunk, t)
+        return t
 
     def span(self, key: str) -> Span | None:
         chunks = self._chunks[key]
@@ -327,7 +350,9 @@ class DCPFolder(Checkpoint):
     # -- checks and reads ----------------------------------------------------------
     def validate(self, keys: Iterable[str]) -> None:
         """Every file the keys need exists and is long enough, and every record parses."""
-        needed = [c for k in keys for c in self._chunks[k]]
+        self._validate_chunks([c for k in keys for c in self._chunks[k]])
+
+    def _validate_chunks(self, needed: list[_Chunk]) -> None:
         missing: dict[str, list[str]] = {}
         for c in needed:
             if not os.path.isfile(c.file):
@@ -344,13 +369,24 @@ class DCPFolder(Checkpoint):
             )
         sizes: dict[str, int] = {}
         for c in needed:
-            size = sizes.setdefault(c.file, os.path.getsize(c.file))
-            if c.offset + c.length > size:
+            if c.file not in sizes:
+                try:
+                    sizes[c.file] = os.path.getsize(c.file)
+                except OSError as e:
+                    raise CheckpointError(c.file, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                                          "check that the file exists and that this user may read it") from e
+            if c.offset + c.length > sizes[c.file]:
                 raise CheckpointError(c.file, f"truncated: {c.fqn!r} needs bytes [{c.offset}, {c.offset + c.length})"
-                                      f" but the file has {size} bytes",
+                                      f" but the file has {sizes[c.file]} bytes",
                                       "the file was cut short (interrupted copy); copy it again")
         for c in needed:
-            self._locate(c)
+            self._record(c)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        # Checked first: the fresh tensor is as large as the metadata says, so the metadata
+        # must have been held against the files before it is allocated.
+        self.validate([key])
+        return super().tensor(key)
 
     def read_into(
         self,
@@ -390,3 +426,29 @@ class DCPFolder(Checkpoint):
 
     def _materialize(self, key: str) -> torch.Tensor:
         return self.tensor(key)
+
+
+def _int_tuple(value) -> tuple[int, ...] | None:
+    """A tuple of plain ints (torch.Size, list, tuple), or None if it is anything else."""
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
+        return None
+    return tuple(value)
+
+
+def _check_tiling(shape: tuple[int, ...], chunks: list[_Chunk], bad) -> None:
+    """The chunks (already inside `shape`) cover every element exactly once: their volumes
+    sum to the tensor's and no two overlap (a sweep along dim 0 compares only chunks whose
+    row ranges meet, so row shards cost one comparison each)."""
+    total = math.prod(shape)
+    covered = sum(math.prod(c.sizes) for c in chunks)
+    boxes = sorted((c for c in chunks if math.prod(c.sizes)), key=lambda c: c.offsets)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if shape and b.offsets[0] >= a.offsets[0] + a.sizes[0]:
+                break
+            if all(bo < ao + as_ and ao < bo + bs for ao, as_, bo, bs in
+                   zip(a.offsets, a.sizes, b.offsets, b.sizes)):
+                bad(f"the chunks at {list(a.offsets)} (size {list(a.sizes)}) and {list(b.offsets)}"
+                    f" (size {list(b.sizes)}) overlap")
+    if covered != total:
+        bad(f"its chunks cover {covered} of the tensor's {total} elements (shape {list(shape)})")

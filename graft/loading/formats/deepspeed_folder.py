@@ -45,7 +45,7 @@ import torch
 from graft._logging import get_logger
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, read_spans
-from graft.loading.formats.torch_file import safe_load, stand_in
+from graft.loading.formats.torch_zip import Archive, byte_range, check_tensors, read_tensor, stand_in
 
 log = get_logger(__name__)
 MASTER = "fp32 master copy (optimizer partitions)"
@@ -94,14 +94,10 @@ class _Entry:
     """For module tensors: the model-states file whose 'module' holds them."""
 
 
-def _tensor_offset(t: torch.Tensor) -> int | None:
+def _tensor_offset(t: torch.Tensor, file, what: str) -> int | None:
     """Where `t`'s bytes start in its torch zip file (meta-loaded), if they are one range."""
-    if not t.is_contiguous():
-        return None
-    base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-    if base is None:
-        return None
-    return base + t.storage_offset() * t.element_size()
+    where = byte_range(t, file, what)
+    return None if where is None else where[1]
 
 
 def _numel(shape) -> int:
@@ -131,7 +127,7 @@ class DeepSpeedFolder(Checkpoint):
         self.tag = self.tag_dir.name
         files = {p.name: p for p in self.tag_dir.iterdir() if p.is_file()}
         self._check_layout(files)
-        self._mmaps: dict[str, dict] = {}
+        self._modules: dict[str, dict] = {}
 
         model_file = self._model_states_file(files)
         model_states = self._load_meta(model_file)
@@ -188,7 +184,7 @@ class DeepSpeedFolder(Checkpoint):
                 continue
             if self.stage == 3 and key not in buffers:
                 continue
-            self._entries[key] = self._module_entry(model_file, t)
+            self._entries[key] = self._module_entry(model_file, key, t)
         for alias, target in (model_states.get("shared_params") or {}).items():
             # Tied weights: the partitions hold one of the names; the other reads the same values.
             if target in self._entries and (alias not in self._entries or self._entries[target].origin == MASTER):
@@ -287,13 +283,16 @@ class DeepSpeedFolder(Checkpoint):
         self._optim_by_rank = [ranks[r] for r in range(self.world_size)]
 
     def _load_meta(self, file: Path):
-        """Unpickle `file` with every tensor on the meta device: no tensor byte is read."""
+        """Unpickle `file` with every tensor on the meta device: no tensor byte is read, each
+        storage is located in its own zip record and every view checked against it."""
         with torch.serialization.safe_globals(_DS_GLOBALS):
-            return safe_load(file, map_location="meta", mmap=False, allow_globals=self._user_globals)
+            obj = Archive(file).load(allow_globals=self._user_globals)
+        check_tensors(obj, file)
+        return obj
 
     # -- where each tensor's bytes are ---------------------------------------------------
-    def _module_entry(self, file: Path, t: torch.Tensor) -> _Entry:
-        offset = _tensor_offset(t)
+    def _module_entry(self, file: Path, key: str, t: torch.Tensor) -> _Entry:
+        offset = _tensor_offset(t, file, key)
         nbytes = t.numel() * t.element_size()
         pieces = None if offset is None else [_Piece(str(file), offset, nbytes, 0)] if nbytes else []
         return _Entry(tuple(t.shape), t.dtype, f"module copy ({file.name})", pieces, file.name)
@@ -302,13 +301,14 @@ class DeepSpeedFolder(Checkpoint):
         """Each rank's (file, flat fp32 group tensors), rank by rank: one small pickle at a time."""
         out = []
         for r, file in enumerate(self._optim_by_rank):
-            osd = self._rank0_osd if r == 0 else self._load_meta(file).get("optimizer_state_dict", {})
-            groups = osd.get(key)
+            states = {"optimizer_state_dict": self._rank0_osd} if r == 0 else self._load_meta(file)
+            osd = states.get("optimizer_state_dict") if isinstance(states, Mapping) else None
+            groups = osd.get(key) if isinstance(osd, Mapping) else None
             if not isinstance(groups, (list, tuple)) or not all(isinstance(g, torch.Tensor) for g in groups):
                 raise CheckpointError(file, f"has no {key!r} list of tensors (ZeRO stage {self.stage})",
                                       "the shard is damaged or from an unsupported DeepSpeed version")
-            for g in groups:
-                if _tensor_offset(g) is None:
+            for i, g in enumerate(groups):
+                if _tensor_offset(g, file, f"{key}[{i}]") is None:
                     raise CheckpointError(file, f"stores {key!r} in a layout without byte offsets",
                                           "re-save the checkpoint with a current torch and DeepSpeed")
             out.append((str(file), list(groups)))
@@ -318,7 +318,8 @@ class DeepSpeedFolder(Checkpoint):
         """Stages 1/2: per group, the ranks' partitions concatenated in rank order are the
         group's flat vector: the parameters one after another in param_shapes order, each
         followed by its alignment padding (param_alignment_paddings, newer DeepSpeed)."""
-        ranks = self._optim_groups("single_partition_of_fp32_groups")
+        key = "single_partition_of_fp32_groups"
+        ranks = self._optim_groups(key)
         paddings = self._rank0_osd.get("param_alignment_paddings")
         if len(ranks[0][1]) != len(param_shapes):
             raise CheckpointError(self.tag_dir, f"has {len(param_shapes)} parameter groups in the model"
@@ -339,7 +340,8 @@ class DeepSpeedFolder(Checkpoint):
                     lo, hi = max(pos, start), min(pos + n, start + t.numel())
                     if lo < hi:
                         size = t.element_size()
-                        pieces.append(_Piece(file, _tensor_offset(t) + (lo - start) * size, (hi - lo) * size,
+                        pieces.append(_Piece(file, _tensor_offset(t, file, key) + (lo - start) * size,
+                                             (hi - lo) * size,
                                              (lo - pos) * size))
                 self._add_master(name, shape, parts[0][1].dtype, pieces, n)
                 pos += n
@@ -357,7 +359,8 @@ class DeepSpeedFolder(Checkpoint):
         """Stage 3: every parameter is split evenly over the ranks (the last slice padded),
         and each rank's flat groups, concatenated, hold its slices in param_shapes order.
         Frozen parameters are split the same way, in each rank's frozen_param_fragments."""
-        ranks = self._optim_groups("fp32_flat_groups")
+        key = "fp32_flat_groups"
+        ranks = self._optim_groups(key)
         world = self.world_size
         # Each rank's concatenated groups: where each group starts.
         layout = []
@@ -382,7 +385,8 @@ class DeepSpeedFolder(Checkpoint):
                     if a < b:
                         size = t.element_size()
                         dest = r * per_rank + (a - lo)
-                        pieces.append(_Piece(file, _tensor_offset(t) + (a - start) * size, (b - a) * size,
+                        pieces.append(_Piece(file, _tensor_offset(t, file, key) + (a - start) * size,
+                                             (b - a) * size,
                                              dest * size))
             self._add_master(name, shape, dtype, pieces, n)
             pos += per_rank
@@ -398,7 +402,8 @@ class DeepSpeedFolder(Checkpoint):
         for r in range(world):
             file = self.tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
             states = model_states if r == 0 else self._load_meta(file)
-            fragments.append((file, states.get("frozen_param_fragments") or {}))
+            frags = states.get("frozen_param_fragments") if isinstance(states, Mapping) else None
+            fragments.append((file, frags if isinstance(frags, Mapping) else {}))
         for name, shape in frozen.items():
             n = _numel(shape)
             per_rank = math.ceil(n / world)
@@ -406,13 +411,14 @@ class DeepSpeedFolder(Checkpoint):
             for r, (file, frags) in enumerate(fragments):
                 t = frags.get(name)
                 want = max(0, min(per_rank, n - r * per_rank))
-                if t is None or t.numel() < want or (want and _tensor_offset(t) is None):
+                if t is None or t.numel() < want or (want and _tensor_offset(t, file, name) is None):
                     raise CheckpointError(file, f"lacks rank {r}'s slice of the frozen parameter {name!r}",
                                           "the shard is damaged; copy it again")
                 dtype = t.dtype
                 if want:
                     size = t.element_size()
-                    pieces.append(_Piece(str(file), _tensor_offset(t), want * size, r * per_rank * size))
+                    pieces.append(_Piece(str(file), _tensor_offset(t, file, name), want * size,
+                                         r * per_rank * size))
             self._entries[name] = _Entry(tuple(int(s) for s in shape), dtype or torch.float32,
                                          f"module copy (frozen_param_fragments of {world} zero_pp_rank_*_model_states.pt)",
                                          pieces)
@@ -498,17 +504,14 @@ class DeepSpeedFolder(Checkpoint):
             self.bytes_read += read_spans(file, items, on_bytes)
 
     def _mapped(self, file_name: str, key: str) -> torch.Tensor:
-        """A module tensor without a plain byte range: map its file once; the OS pages in
-        only what is touched."""
-        if file_name not in self._mmaps:
-            with torch.serialization.safe_globals(_DS_GLOBALS):
-                obj = safe_load(self.tag_dir / file_name, map_location="cpu", mmap=True,
-                                allow_globals=self._user_globals)
-            self._mmaps[file_name] = obj["module"]
-        return self._mmaps[file_name][key]
+        """A module tensor without a plain byte range: read the bytes its view spans."""
+        if file_name not in self._modules:
+            obj = self._load_meta(self.tag_dir / file_name)
+            self._modules[file_name] = obj["module"]
+        return read_tensor(self._modules[file_name][key], self.tag_dir / file_name, key)
 
     def close(self) -> None:
-        self._mmaps.clear()
+        self._modules.clear()
 
 
 def _config_stage(model_states: Mapping) -> int:

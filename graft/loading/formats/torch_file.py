@@ -1,17 +1,14 @@
 """Files written by `torch.save` (.pt .pth .bin .ckpt): always `weights_only=True`.
 
-Metadata comes from unpickling with `map_location="meta"`: torch then builds every tensor
-on the meta device and records where its storage starts in the zip archive, so names,
-shapes, dtypes and byte offsets are known without reading one tensor byte. The data are
-then pread from those offsets. Old (pre-1.6, non-zip) files have no offsets and are read
-whole, once.
+Metadata comes from unpickling onto the meta device (`torch_zip.Archive`): every storage is
+located in its own zip record, checked against the pickle, so names, shapes, dtypes and byte
+offsets are known without reading one tensor byte. The data are then pread from those
+offsets. Old (pre-1.6, non-zip) files have no offsets and are read whole, once.
 """
 
 from __future__ import annotations
 
 import pickle
-import re
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +16,9 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.torch_zip import (
+    MAGIC, Archive, blocked_global, byte_range, check_view, is_archive, read_tensor, stand_in, stored,
+)
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 # Where training code usually keeps the model's state dict, in the order we look.
@@ -34,6 +34,7 @@ CONTAINER_KEYS = (
     "weights",
 )
 _LEGACY_MAGIC = b"\x80"  # a pickle protocol byte: torch files before the zip format
+__all__ = ["TorchFile", "find_state_dict", "safe_load", "stand_in", "blocked_global"]
 
 
 def _is_tensor_dict(obj) -> bool:
@@ -87,32 +88,10 @@ def find_state_dict(obj, path: Path, container: str | None) -> tuple[dict[str, t
     )
 
 
-def blocked_global(message: str) -> str | None:
-    """The global a weights_only unpickler refused, from torch's message."""
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message) or re.search(
-        r"GLOBAL ([\w.]+) was not an allowed global", message
-    )
-    return m.group(1) if m else None
-
-
-def stand_in(qualified_name: str) -> type:
-    """An inert class that takes the place of a pickled global: state is kept, no code runs."""
-    module, _, name = qualified_name.rpartition(".")
-
-    def __init__(self, *args, **kwargs):
-        # Globals pickled as calls (enums, namedtuples) arrive with their arguments.
-        self.__dict__["_args"] = args
-        self.__dict__["_kwargs"] = kwargs
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-    return type(name, (), {"__module__": module, "__init__": __init__, "__setstate__": __setstate__,
-                           "__reduce__": object.__reduce__})
-
-
 def safe_load(path: Path, *, map_location, mmap: bool, allow_globals=(), trust_pickle=False):
-    """`torch.load` with weights_only=True, turning every failure into a CheckpointError."""
+    """`torch.load` with weights_only=True, for legacy (pre-zip) files only; every failure is
+    a CheckpointError. Zip archives go through `torch_zip.Archive`, which locates each
+    storage from its own record instead of torch's computed offsets."""
     if trust_pickle:
         load = lambda: torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)  # noqa: E731
     else:
@@ -136,9 +115,13 @@ def safe_load(path: Path, *, map_location, mmap: bool, allow_globals=(), trust_p
             f"save only the state dict; or pass allow_globals=[{name!r}] to rebuild it as an"
             " inert stand-in; or, for a file you trust completely, trust_pickle=True",
         ) from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError) as e:
+    except OSError as e:
+        raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                              "check that the file exists and that this user may read it") from e
+    except Exception as e:  # noqa: BLE001 - any fault of the untrusted file is the file's
+        first = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(
-            path, f"is corrupt or truncated ({str(e).splitlines()[0]})",
+            path, f"is corrupt or truncated ({type(e).__name__}{': ' + first[:200] if first else ''})",
             "the file was cut short or damaged; write or copy it again",
         ) from e
 
@@ -153,26 +136,38 @@ class TorchFile(Checkpoint):
             return False
         if path.suffix in SUFFIXES:
             return True
-        with open(path, "rb") as f:
-            head = f.read(4)
-        return head.startswith(b"PK\x03\x04") or head[:1] == _LEGACY_MAGIC
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return False  # unreadable: the open that follows reports why
+        return head.startswith(MAGIC) or head[:1] == _LEGACY_MAGIC
 
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
-        size = self.path.stat().st_size
+        try:
+            size = self.path.stat().st_size
+            self._zip = size > 0 and is_archive(self.path)
+        except OSError as e:
+            raise CheckpointError(self.path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                                  "check that the file exists and that this user may read it") from e
         if size == 0:
             raise CheckpointError(self.path, "is empty (0 bytes)",
                                   "the save was interrupted; use an earlier checkpoint")
-        self._zip = zipfile.is_zipfile(self.path)
         load = dict(allow_globals=options.allow_globals, trust_pickle=options.trust_pickle)
         if self._zip:
-            obj = safe_load(self.path, map_location="meta", mmap=False, **load)
+            # Tensors come back on the meta device, each storage located in its own record.
+            obj = Archive(self.path).load(**load)
         else:
-            # Legacy format: no offsets to read from, so the file is read once, whole.
+            # Legacy format: no records to read from, so the file is read once, whole.
             obj = safe_load(self.path, map_location="cpu", mmap=False, **load)
             self.bytes_read += size
         self._tensors, self.source = find_state_dict(obj, self.path, options.container)
-        self._mapped: dict[str, torch.Tensor] | None = None
+        if self._zip:
+            # Every view inside its storage, before the plan or any copy.
+            for key, t in self._tensors.items():
+                if stored(t) is not None:
+                    check_view(t, self.path, key)
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -185,27 +180,13 @@ class TorchFile(Checkpoint):
         return {**super().info(), "container": self.source}
 
     def span(self, key: str) -> Span | None:
-        t = self._tensors[key]
-        if not (self._zip and t.is_contiguous()):
+        if not self._zip:
             return None
-        base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-        if base is None:
-            return None
-        return Span(str(self.path), base + t.storage_offset() * t.element_size(),
-                    t.numel() * t.element_size())
+        where = byte_range(self._tensors[key], self.path, key)
+        return None if where is None else Span(*where)
 
     def _materialize(self, key: str) -> torch.Tensor:
         if not self._zip:
             return self._tensors[key]
-        if self._mapped is None:
-            # Only for tensors without a plain byte range (non-contiguous views): map the
-            # file once and let the OS page in what is touched.
-            obj = safe_load(self.path, map_location="cpu", mmap=True,
-                            allow_globals=self.options.allow_globals,
-                            trust_pickle=self.options.trust_pickle)
-            container = self.source if self.source and not self.source.startswith("<") else None
-            self._mapped, _ = find_state_dict(obj, self.path, container)
-        return self._mapped[key]
-
-    def close(self) -> None:
-        self._mapped = None
+        # A view that is no plain byte range (transposed...): read the bytes it spans.
+        return read_tensor(self._tensors[key], self.path, key)
