@@ -2,14 +2,15 @@
 
 Order of a start (every rank runs it):
 
-    accelerator -> strategy -> the run folder (rank 0: writable probe, then the lock, held to
-    the end) -> resume decision (graft.trainer.resume: rank 0 picks the checkpoint, every rank
-    reads it once) -> data -> model from the factory (seeded) ->
+    accelerator -> strategy -> graft.Checkpointer on the run folder (rank 0: writable probe,
+    then the lock, held to the end) -> resume decision (Checkpointer.find: rank 0 picks the
+    checkpoint, every rank reads it once; graft.trainer.resume checks the config) -> data ->
+    model from the factory (seeded) ->
     freezing (the checkpoint's list on resume, else init.checkpoint through graft.load with
     freeze) -> fully_shard (fsdp2) -> optimizer over graft.param_groups -> prepare -> on
     resume: weights and optimizer state into the wrapped model (each rank reads its own
-    ranges), schedule, counters -> extension policy -> RNG states (last: nothing may draw
-    after them)
+    ranges), schedule, sampler position, counters, RNG states (Checkpointer.resume: the same
+    public API a user's own loop has; RNG last, nothing may draw after them) -> extension policy
 
 The data order, the LR and every counter are functions of (seed, epoch, step, global sample),
 so a run resumed at the same world size repeats the steps of the run that never stopped, bit
@@ -19,7 +20,6 @@ for bit; at another world size it continues with the exact saved state at the sa
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import os
 import random
@@ -34,8 +34,7 @@ from torch.utils.data import DataLoader
 import graft
 from graft._logging import get_logger, progress
 from graft.checkpointing import faults, layout
-from graft.checkpointing.lock import RunDirLock
-from graft.checkpointing.save import save as save_checkpoint
+from graft.checkpointing.checkpointer import Checkpointer
 from graft.checkpointing.shard_writer import write_bytes
 from graft.config import RunConfig
 from graft.data import build_datasets
@@ -43,9 +42,8 @@ from graft.errors import ConfigError
 from graft.sampler import EpochSampler
 from graft.trainer import resume as resuming
 from graft.trainer.metrics import MetricsWriter
-from graft.trainer.preempt import PreemptFlag
 from graft.trainer.schedule import Schedule
-from graft.trainer.state import TrainState, capture_rng, derive_rng, restore_rng
+from graft.trainer.state import TrainState
 from graft.trainer.strategy import make_strategy
 
 log = get_logger("graft.trainer")
@@ -110,35 +108,24 @@ class Trainer:
         self.state = TrainState(world_size=self.strategy.world)
         self.summary: dict = {"run_dir": str(self.run_dir), "strategy": self.strategy.kind,
                               "world_size": self.strategy.world, "resumed_from": None, "extension": None}
-        self.lock: RunDirLock | None = None
+        # The trainer saves and resumes through the same public API as a user's own loop.
+        self.ckpt = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last, config=cfg.to_dict(),
+                                 seed=cfg.train.seed)
         try:
-            self.point = resuming.locate(self.strategy, self.run_dir, resume, claim=self._claim_run_dir)
+            self.point = self.ckpt.find(resume, required=True)
             if self.point is not None:
                 self.summary["config_changes"] = resuming.check_config(self.point, cfg, allow_config_change)
         except BaseException:
             self.close()
             raise
-        self.last_saved: Path | None = None
-        self._rng_to_restore = None
+
+    @property
+    def last_saved(self) -> Path | None:
+        return self.ckpt.last_saved
 
     def close(self) -> None:
         """Release the run folder (rank 0's lock). Idempotent."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def _claim_run_dir(self) -> None:
-        """Fail now, before any step, if the run folder cannot hold checkpoints or another trainer uses it.
-        Only rank 0 locks: the other ranks of this job share its lock; another job's rank 0 is refused."""
-        faults.check_writable(self.run_dir)
-        try:
-            self.lock = RunDirLock(self.run_dir).acquire()
-        except OSError as e:
-            err = faults.explain(e, self.run_dir, "taking the lock")
-            if err is None:
-                raise
-            raise err from e
-        log.info("locked %s (%s)", self.lock.path, self.lock.mode)
+        self.ckpt.close()
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -149,7 +136,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         if self.point is not None:
-            self.state = TrainState.from_dict(self.point.train_state)
+            self.state = TrainState.from_dict({**self.point.train_state, **self.point.extra})
             graft.freeze(model, self.state.frozen)  # the weights come after wrapping (restore)
         elif cfg.init.checkpoint:
             i = cfg.init
@@ -180,31 +167,29 @@ class Trainer:
             with faults.explained(self.run_dir, layout.RUN_CONFIG):
                 write_bytes(self.run_dir / layout.RUN_CONFIG, cfg.to_yaml().encode())
         self.rank_extra: dict = {"loss_sum": 0.0, "loss_count": 0}
+        self.ckpt.track(model=self.model, optimizer=self.optimizer, scheduler=self.schedule, sampler=self.sampler)
         if self.point is not None:
             self._restore()
 
     def _restore(self) -> None:
-        p, s, st = self.point, self.strategy, self.state
-        restored = resuming.restore_run(p, s, s.adapter(self.model, self.optimizer))
-        self.schedule.load_state_dict(json.loads((p.folder / layout.SCHEDULE).read_text()),
-                                      same_steps_per_epoch=p.manifest.world_size == s.world)
+        p, st = self.point, self.state
+        # At another world size epochs have other step counts by nature: the saved curve (a
+        # function of the global step) is kept; at the same one a change means other data.
+        self.schedule.require_same_steps_per_epoch = p.manifest.world_size == self.strategy.world
+        start = self.ckpt.resume(p)  # weights, optimizer, schedule, sampler position, counters, RNG (last)
         self._extend_if_asked()
-        saved_spe = p.train_state.get("steps_per_epoch")
+        saved_spe = p.extra.get("steps_per_epoch")
         if saved_spe is not None and saved_spe != self.steps_per_epoch and self.is_main:
             log.warning("an epoch takes %d steps at this world size, %d when saved: the LR schedule keeps its saved "
                         "curve over the global step", self.steps_per_epoch, saved_spe)
-        self.rank_extra.update(restored.counters)
-        self._rng_to_restore = restored.rng
-        self.summary.update(resumed_from=str(p.folder), rng_policy=restored.rng_policy,
-                            resumed_world_size=p.manifest.world_size, resumed_strategy=p.manifest.strategy)
+        self.rank_extra.update(start.counters)
+        self.summary.update(resumed_from=str(p.folder), rng_policy=start.rng_policy,
+                            resumed_world_size=start.saved_world_size, resumed_strategy=start.saved_strategy)
         st.resumes.append({"from": p.folder.name, "epoch": st.epoch, "step": st.step,
-                           "world_size": p.manifest.world_size, "strategy": p.manifest.strategy})
+                           "world_size": start.saved_world_size, "strategy": start.saved_strategy})
         self.metrics.write("resume", epoch=st.epoch, step=st.step, checkpoint=p.folder.name,
                            batch_in_epoch=st.batch_in_epoch, samples_in_epoch=st.samples_in_epoch,
-                           saved_world_size=p.manifest.world_size, rng_policy=restored.rng_policy)
-        log.info("resumed at epoch %d, step %d (sample %d of the epoch) from %s in %.2fs (%.1f MB read on this rank)",
-                 st.epoch, st.step, st.samples_in_epoch, p.folder, restored.stats.seconds,
-                 restored.stats.bytes_read / 1e6)
+                           saved_world_size=start.saved_world_size, rng_policy=start.rng_policy)
 
     def _extend_if_asked(self) -> None:
         old_epochs = self.point.saved_config["train"]["epochs"]
@@ -223,27 +208,14 @@ class Trainer:
     # -- save --------------------------------------------------------------------------
     def save(self, mid_epoch: bool) -> Path:
         """Every rank writes what it holds (no gather); rank 0 commits the manifest, then rotates."""
-        st, s = self.state, self.strategy
-        name = layout.checkpoint_name(st.epoch, st.step if mid_epoch else None)
-        rng_meta, rng_tensors = capture_rng()
-        train_state = {**st.to_dict(), "world_size": s.world, **s.describe(), "steps_per_epoch": self.steps_per_epoch}
-        files = {layout.TRAIN_STATE: train_state, layout.SCHEDULE: self.schedule.state_dict(),
-                 layout.CONFIG: self.cfg.to_yaml().encode()} if self.is_main else None
-        result = save_checkpoint(
-            self.run_dir, name, s.adapter(self.model, self.optimizer), files=files,
-            rank_tensors={layout.rank_name(s.rank, f"{resuming.RNG}/{k}"): v for k, v in rng_tensors.items()},
-            rank_state={resuming.RNG: rng_meta, resuming.COUNTERS: dict(self.rank_extra)},
-            info={"epoch": st.epoch, "step": st.step, "batch_in_epoch": st.batch_in_epoch,
-                  "samples_in_epoch": st.samples_in_epoch, **s.describe()},
-            keep_last=self.cfg.train.keep_last)
-        if self.is_main:
-            log.info("saved %s in %.2fs: %s MB per rank", result.folder, result.seconds,
-                     "/".join(f"{b / 1e6:.1f}" for b in result.bytes_per_rank))
-            if result.deleted:
-                log.info("keep_last=%s: deleted %s", self.cfg.train.keep_last, result.deleted)
-        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=name, seconds=round(result.seconds, 3),
-                           bytes_per_rank=result.bytes_per_rank)
-        self.last_saved = result.folder
+        st = self.state
+        assert mid_epoch == (st.batch_in_epoch > 0), (mid_epoch, st.batch_in_epoch)
+        result = self.ckpt.save(epoch=st.epoch, step=st.step, batch_in_epoch=st.batch_in_epoch,
+                                samples_in_epoch=st.samples_in_epoch, counters=dict(self.rank_extra),
+                                extra={"frozen": list(st.frozen), "resumes": list(st.resumes),
+                                       "steps_per_epoch": self.steps_per_epoch})
+        self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=result.folder.name,
+                           seconds=round(result.seconds, 3), bytes_per_rank=result.bytes_per_rank)
         return result.folder
 
     # -- train / evaluate --------------------------------------------------------------
@@ -275,15 +247,10 @@ class Trainer:
 
     def train(self) -> dict:
         cfg, st, s = self.cfg, self.state, self.strategy
-        preempt = PreemptFlag().install()
-        if self._rng_to_restore is not None:
-            restore_rng(*self._rng_to_restore)
-        elif self.point is not None:
-            derive_rng(cfg.train.seed, st.step, s.rank)  # another world size: the "derived" RNG policy
         val_acc = val_loss = None
         preempted = False
         first_epoch = st.epoch
-        try:
+        with self.ckpt.preemption() as preempt:
             self.model.train()
             while st.epoch < cfg.train.epochs and not preempted:
                 self.sampler.set_epoch(st.epoch, st.samples_in_epoch)
@@ -355,8 +322,6 @@ class Trainer:
                     log.info("train.session_epochs=%d reached: stopping at epoch %d of %d (continue with "
                              "--resume auto)", cfg.train.session_epochs, st.epoch, cfg.train.epochs)
                     break
-        finally:
-            preempt.uninstall()
         if val_acc is None and not preempted:  # nothing left to train (already finished)
             val_acc, val_loss = self.evaluate()
         self.metrics.close()

@@ -98,12 +98,15 @@ class Schedule:
         return {"name": self.cfg.name, "base_lrs": self.base_lrs, "steps_per_epoch": self.steps_per_epoch,
                 "phases": [dict(p) for p in self.phases]}
 
-    def load_state_dict(self, state: dict, same_steps_per_epoch: bool = True) -> None:
-        """Put the saved state back exactly. `same_steps_per_epoch`: refuse a checkpoint whose epochs
-        had another number of steps (at the same world size that means the data or batch size
-        changed); at another world size epochs have other step counts by nature, and the saved
-        curve (a function of the global step) is kept as it was."""
-        if state["steps_per_epoch"] != self.steps_per_epoch and same_steps_per_epoch:
+    require_same_steps_per_epoch = True
+    """load_state_dict refuses a checkpoint whose epochs had another number of steps (at the same
+    world size that means the data or batch size changed); the trainer lifts it at another world
+    size, where epochs have other step counts by nature and the saved curve (a function of the
+    global step) is kept as it was."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Put the saved state back exactly (see require_same_steps_per_epoch)."""
+        if state["steps_per_epoch"] != self.steps_per_epoch and self.require_same_steps_per_epoch:
             raise ConfigError(f"the checkpoint's schedule has {state['steps_per_epoch']} steps per epoch, this run "
                               f"{self.steps_per_epoch}: the data or batch size changed")
         self.steps_per_epoch = state["steps_per_epoch"]

@@ -7,11 +7,9 @@
                --use_fsdp --fsdp_version 2` runs on GPUs. Either way the model is an FSDPModule.
     DeepSpeed  accelerate launch with a DeepSpeed config (ZeRO 1/2/3)
 
-Each strategy wraps the model (`shard`, `prepare`) and gives the checkpoint its StateAdapter
-(`adapter`): what this rank holds of every logical tensor, and where a restore writes it.
-Nothing is gathered: single, DDP and FSDP2 share `TorchAdapter` (plain tensors are
-replicated, FSDP2 DTensors held as their rows); DeepSpeed has `ZeroAdapter` (its flat
-partitions as the same logical tensors).
+Each strategy wraps the model (`shard`, `prepare`). Checkpoints need nothing from it:
+`graft.Checkpointer` reads what the wrapped model is (a DeepSpeed engine, an FSDP2 module,
+DDP...) and picks its adapter itself, as it does in a user's own loop.
 """
 
 from __future__ import annotations
@@ -20,19 +18,9 @@ import torch
 import torch.distributed as dist
 
 from graft._logging import get_logger
-from graft.checkpointing.slices import StateAdapter
-from graft.checkpointing.torch_adapter import TorchAdapter
 from graft.errors import ConfigError
 
 log = get_logger(__name__)
-
-
-def is_fsdp2(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class Strategy:
@@ -51,40 +39,10 @@ class Strategy:
     def prepare(self, model, optimizer, batch_size: int):
         return self.acc.prepare(model, optimizer)
 
-    def unwrap(self, model):
-        return self.acc.unwrap_model(model)
-
-    @staticmethod
-    def torch_optimizer(optimizer):
-        return getattr(optimizer, "optimizer", optimizer)
-
-    # -- checkpoints -------------------------------------------------------------------
-    def adapter(self, model, optimizer) -> StateAdapter:
-        return TorchAdapter(self.unwrap(model), self.torch_optimizer(optimizer), self.kind)
-
-    def describe(self) -> dict:
-        """What the manifest and train_state record about the strategy."""
-        return {"strategy": self.kind}
-
     # -- collectives -----------------------------------------------------------------
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-    def all_gather_object(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj):
-        """rank 0's `obj` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -126,10 +84,6 @@ class FSDP2(Strategy):
 class DeepSpeed(Strategy):
     kind = "deepspeed"
 
-    @property
-    def zero_stage(self) -> int:
-        return self.acc.state.deepspeed_plugin.zero_stage
-
     def prepare(self, model, optimizer, batch_size: int):
         plugin = self.acc.state.deepspeed_plugin
         # No dataloader goes through prepare (we shard the data ourselves), so DeepSpeed's
@@ -138,13 +92,6 @@ class DeepSpeed(Strategy):
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
         return self.acc.prepare(model, optimizer)
 
-    def adapter(self, model, optimizer) -> StateAdapter:
-        from graft.checkpointing.zero import ZeroAdapter
-
-        return ZeroAdapter(model)
-
-    def describe(self) -> dict:
-        return {"strategy": self.kind, "zero_stage": self.zero_stage}
 
 
 def make_strategy(accelerator, requested: str) -> Strategy:

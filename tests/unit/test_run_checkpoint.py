@@ -26,9 +26,9 @@ from graft.loading.formats import READERS
 from graft.loading.formats.graft_run import GraftRun
 from graft.models import tiny_vgg
 from graft.sampler import EpochSampler
-from graft.trainer.resume import pick
+from graft.checkpointing.checkpointer import pick
 from graft.trainer.schedule import Schedule
-from graft.trainer.state import capture_rng, restore_rng
+from graft.checkpointing.rng import capture_rng, restore_rng
 
 
 class Stage(enum.IntEnum):
@@ -411,7 +411,7 @@ def test_imagefolder_gets_the_same_transforms(tmp_path):
 def test_sigusr1_and_sigterm_set_the_preempt_flag():
     import signal
 
-    from graft.trainer.preempt import PreemptFlag
+    from graft.checkpointing.preempt import PreemptFlag
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         flag = PreemptFlag().install()

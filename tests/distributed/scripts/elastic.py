@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 
 from graft.checkpointing.layout import read_manifest  # noqa: E402
 from graft.sampler import EpochSampler  # noqa: E402
-from graft.trainer import preempt  # noqa: E402
+from graft.checkpointing import preempt  # noqa: E402
 from graft.trainer.loop import Trainer  # noqa: E402
 from run_helpers import events, state_differences, tiny_config  # noqa: E402
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (run_help
 
 import torch.distributed as dist  # noqa: E402
 
-from graft.trainer import preempt, run  # noqa: E402
+from graft.checkpointing import preempt  # noqa: E402
+from graft.trainer import run  # noqa: E402
 from run_helpers import events, state_differences, step_lines, tiny_config  # noqa: E402
 
 out = Path(sys.argv[1])
