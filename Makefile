@@ -7,10 +7,12 @@ export DS_ACCELERATOR ?= cpu
 
 .PHONY: venv demo test test-fast bench clean
 
-$(BIN)/graft: pyproject.toml
+# pyproject.toml says which versions graft accepts (ranges, for users); constraints.txt pins the
+# exact set this project tests with, so every checkout and CI run gets the same one.
+$(BIN)/graft: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(BIN)/graft
 
 venv: $(BIN)/graft

@@ -8,7 +8,7 @@
 6. Extend it to 2E epochs, exactly where it stopped:              graft resume --epochs 2E
 7. Final accuracy (asserted well above chance) and the curves:    graft plot
 
-Training runs through the real launcher (`graft train` -> `accelerate launch train.py`,
+Training runs through the real launcher (`graft train` -> `accelerate launch -m graft.train`,
 DDP over gloo with --nproc 2), so what you see is what a cluster job runs.
 
     python examples/demo.py                 # 2-4 minutes on 2 cores

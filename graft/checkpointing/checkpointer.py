@@ -377,6 +377,19 @@ class Checkpointer:
             raise CheckpointError(point.folder, f"has no {layout.SCHEDULE} (it was saved without a scheduler)",
                                   "resume without scheduler=, or from a checkpoint saved with one")
         self.scheduler.load_state_dict(json.loads(path.read_text()))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The optimizer holds the LR the SAVED lambda set for the next step; a LambdaLR is a
+            # closed form of its step, so the lambda this run built gives the LR now: the same
+            # value bit for bit when the lambda is the same, the new curve at once when the
+            # horizon was extended (lr_lambda_for_extension).
+            sched = self.scheduler
+            lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                if isinstance(group["lr"], torch.Tensor):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
+            sched._last_lr = lrs
 
     def _restore_rng(self, m: Manifest, mine: dict) -> None:
         prefix = layout.rank_name(self.rank, RNG + "/")

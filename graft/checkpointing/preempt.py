@@ -34,6 +34,13 @@ class PreemptFlag:
             signal.signal(s, h)
         self._previous.clear()
 
+    def __call__(self) -> bool:
+        """`should_stop` on the device the default process group's backend talks through."""
+        device = "cpu"
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        return self.should_stop(device)
+
     def should_stop(self, device: torch.device | str = "cpu") -> bool:
         """True on every rank if any rank got a signal (one tiny all-reduce per step when distributed)."""
         local = int(self.signum or 0)

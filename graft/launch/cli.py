@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands of the trainer and launcher, registered when their modules are present."""
     found = []
-    for name in ("graft.launch.train_cmd",):
+    for name in ("graft.launch.train_cmd", "graft.launch.init_cmd"):
         try:
             found.append(importlib.import_module(name).register)
         except ModuleNotFoundError as e:

@@ -1,13 +1,18 @@
-"""Building the command that starts `train.py` on one machine of a (possibly multi-node) job.
+"""Building the command that starts the trainer on one machine of a (possibly multi-node) job.
 
 One place decides how each strategy is launched, so `graft train`, `graft resume`, the
 Slurm example and the tests all agree:
 
 | strategy      | GPU machine                                   | CPU-only machine                          |
 |---------------|-----------------------------------------------|-------------------------------------------|
-| ddp           | accelerate launch, configs/accelerate/ddp.yaml | same, plus ACCELERATE_USE_CPU=true (gloo) |
-| fsdp          | accelerate launch, configs/accelerate/fsdp2.yaml | torchrun; the trainer calls fully_shard |
-| zero1 / zero2 / zero3 | accelerate launch, deepspeed.yaml + configs/deepspeed/zeroN.json | same (DeepSpeed picks gloo) |
+| ddp           | accelerate launch, accelerate/ddp.yaml        | same, plus ACCELERATE_USE_CPU=true (gloo) |
+| fsdp          | accelerate launch, accelerate/fsdp2.yaml      | torchrun; the trainer calls fully_shard   |
+| zero1 / zero2 / zero3 | accelerate launch, accelerate/deepspeed.yaml + deepspeed/zeroN.json | same (DeepSpeed picks gloo) |
+
+The trainer is the packaged module `graft.train` (`-m graft.train`, which both accelerate
+launch and torchrun accept), unless a script is named; the launcher configs are package data
+under graft/launch/configs/. So an installed graft launches from any folder, with nothing
+copied from the repository.
 
 Why the CPU column differs (all seen on the project's machines, see shared/ENVIRONMENT.md):
 accelerate's `--cpu` and MULTI_CPU configs want mpirun and silently start ONE process;
@@ -21,14 +26,16 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+# Package data (pyproject.toml [tool.setuptools.package-data]). A wheel installs unzipped, so these
+# are real files whose paths the launchers can be given.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# The trainer that ships in the package; started as a module, so no file path is needed.
+TRAINER_MODULE = "graft.train"
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 ZERO = ("zero1", "zero2", "zero3")
@@ -80,11 +87,11 @@ class LaunchOptions:
     mixed_precision: str = "no"
     """no | fp16 | bf16, passed to accelerate (the run config's precision section may say more)."""
     accelerate_config: str | None = None
-    """An accelerate YAML to use instead of the strategy's one from configs/accelerate/."""
+    """An accelerate YAML to use instead of the strategy's one from the packaged configs/accelerate/."""
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON to use instead of configs/deepspeed/zeroN.json (zero1/zero2/zero3 only)."""
-    script: str = "train.py"
-    """The training script (relative paths are tried in the working folder, then the repo)."""
+    """A DeepSpeed JSON to use instead of the packaged configs/deepspeed/zeroN.json (zero1/zero2/zero3 only)."""
+    script: str | None = None
+    """A training script to start instead of the packaged trainer `python -m graft.train` (None)."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -158,12 +165,14 @@ def _port(opts: LaunchOptions) -> int:
     return DEFAULT_PORT if opts.nodes > 1 else free_port()
 
 
-def _tool(name: str) -> str:
-    """The launcher next to this interpreter (the venv's), else the one on PATH."""
+def _tool(name: str, module: str) -> list[str]:
+    """The launcher of THIS interpreter: its console script when the environment has one (shorter
+    printed commands), else `python -m module`. Never one found on PATH: that may belong to another
+    environment, whose Python would then import another graft (or none)."""
     local = Path(sys.executable).parent / name
     if local.exists():
-        return str(local)
-    return shutil.which(name) or name
+        return [str(local)]
+    return [sys.executable, "-m", module]
 
 
 def _pretty(path: Path | str) -> str:
@@ -175,14 +184,25 @@ def _pretty(path: Path | str) -> str:
         return str(p)
 
 
-def _script(script: str) -> str:
+def _entry(script: str | None) -> list[str]:
+    """What the launcher starts: `-m graft.train` (the packaged trainer), or the script given."""
+    if script is None:
+        return ["-m", TRAINER_MODULE]
     p = Path(script)
-    if p.is_absolute() or p.exists():
-        return _pretty(p)
-    if (REPO / p).exists():
-        return _pretty(REPO / p)
-    where = {str(Path.cwd()), str(REPO)}
-    raise FileNotFoundError(f"training script {script!r} not found in {' nor in '.join(sorted(where))}")
+    if not p.is_file():
+        raise FileNotFoundError(f"training script {script!r} not found (from {Path.cwd()}); leave --script out to "
+                                f"run the packaged trainer, python -m {TRAINER_MODULE}")
+    return [_pretty(p)]
+
+
+def _entry_note(script: str | None, entry: list[str]) -> str:
+    if script is not None:
+        return f"entry: {entry[0]}"
+    note = f"entry: python -m {TRAINER_MODULE} (the packaged trainer)"
+    if Path("train.py").is_file():
+        # e.g. the own-loop train.py that `graft init` writes: it is the user's to start, not ours.
+        note += "; ./train.py is not started (--script train.py would start it instead)"
+    return note
 
 
 def _existing(path: str | Path, what: str) -> str:
@@ -192,19 +212,20 @@ def _existing(path: str | Path, what: str) -> str:
 
 
 def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
-    """The command that starts `opts.script script_args` on this machine (node `opts.node_rank`)."""
+    """The command that starts the trainer (or `opts.script`) with `script_args` on this machine
+    (node `opts.node_rank`). Its notes say which entry and which launcher configs it uses."""
     device = resolve_device(opts.device)
-    script = _script(opts.script)
+    entry = _entry(opts.script)
     env = {ENV_STRATEGY: opts.strategy, ENV_DEVICE: device}
-    notes: list[str] = []
+    notes = [_entry_note(opts.script, entry)]
 
     if opts.strategy == "fsdp" and device == "cpu":
-        notes.append("fsdp on CPU: accelerate's FSDP plugin does nothing without a GPU, so train.py runs "
+        notes.append("fsdp on CPU: accelerate's FSDP plugin does nothing without a GPU, so the trainer runs "
                      "under torchrun and wraps the model with torch's fully_shard itself (train.strategy=fsdp2)")
-        argv = [_tool("torchrun"), "--nproc_per_node", str(opts.nproc), "--nnodes", str(opts.nodes),
-                "--node_rank", str(opts.node_rank),
+        argv = [*_tool("torchrun", "torch.distributed.run"), "--nproc_per_node", str(opts.nproc),
+                "--nnodes", str(opts.nodes), "--node_rank", str(opts.node_rank),
                 "--master_addr", opts.main_address or "127.0.0.1", "--master_port", str(_port(opts)),
-                script, *script_args]
+                *entry, *script_args]
         return Command(argv, env, notes)
 
     deepspeed = opts.strategy in ZERO
@@ -214,7 +235,8 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
         notes.append("fsdp with one process: FSDP2 over a world of 1 (no sharding; same code path)")
     accel_cfg = _existing(opts.accelerate_config or ACCELERATE_CONFIGS[cfg_key], "accelerate config")
 
-    argv = [_tool("accelerate"), "launch", "--config_file", accel_cfg]
+    notes.append(f"accelerate config: {accel_cfg}")
+    argv = [*_tool("accelerate", "accelerate.commands.accelerate_cli"), "launch", "--config_file", accel_cfg]
     if single:
         # Without it accelerate's one-process launcher answers the trainer's exit 2 (a one-line
         # user error) with a CalledProcessError traceback of its own.
@@ -225,6 +247,7 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
         argv += ["--use_fsdp", "--fsdp_version", "2"]
     elif deepspeed:
         ds_cfg = _existing(opts.deepspeed_config or DEEPSPEED_CONFIGS[opts.strategy], "DeepSpeed config")
+        notes.append(f"DeepSpeed config: {ds_cfg}")
         argv += ["--use_deepspeed", "--deepspeed_config_file", ds_cfg]
         if opts.nodes > 1:
             # One launcher per machine (srun starts them), not DeepSpeed's pdsh over ssh.
@@ -245,5 +268,5 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
         # Not ACCELERATE_USE_CPU here: accelerate turns DeepSpeed off when it is set.
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
         notes.append("DeepSpeed on CPU: DS_ACCELERATOR=cpu, gloo process group (no GPU needed)")
-    argv += [script, *script_args]
+    argv += [*entry, *script_args]
     return Command(argv, env, notes)

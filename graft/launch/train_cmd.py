@@ -1,16 +1,19 @@
-"""`graft train`, `graft resume` and `graft plot`: start train.py the way the strategy needs.
+"""`graft train`, `graft resume` and `graft plot`: start the trainer the way the strategy needs.
 
-    graft train --config configs/digits_base.yaml --nproc 2 train.epochs=5
+    graft train --config run.yaml --nproc 2 train.epochs=5
     graft resume runs/digits_base --epochs 10 --policy continue
     graft plot runs/digits_base -o curves.png
 
-`train` and `resume` print the command line they run (and why it looks that way), run it,
-and exit with its exit code; 2 (with one `graft: error:` line) when the trainer stopped on a
-user or environment problem, even behind a launcher that reports every failure as 1. A run
-folder that is unwritable or locked by another trainer fails here, before any launcher starts. SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time
-limit) reach the training processes as SIGINT/SIGTERM: torchrun's agent, which accelerate
-uses, forwards only those to the workers, and the trainer answers both by saving a
-checkpoint and exiting.
+The trainer is the packaged `python -m graft.train` (`--script FILE` starts another one with
+the same arguments); the launcher configs are the package's own (graft/launch/configs/) unless
+--accelerate-config / --ds-config name others. `train` and `resume` print the command line
+they run and why it looks that way (the entry and the launcher configs among it), run it, and
+exit with its exit code; 2 (with one `graft: error:` line) when the trainer stopped on a user
+or environment problem, even behind a launcher that reports every failure as 1. A run folder
+that is unwritable or locked by another trainer fails here, before any launcher starts.
+SIGINT, SIGTERM and SIGUSR1 (Slurm's warning before the time limit) reach the training
+processes as SIGINT/SIGTERM: torchrun's agent, which accelerate uses, forwards only those to
+the workers, and the trainer answers both by saving a checkpoint and exiting.
 """
 
 from __future__ import annotations
@@ -51,11 +54,16 @@ def _add_launch_options(p: argparse.ArgumentParser) -> None:
                    help="auto: GPU when torch sees one, else CPU (gloo)")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
                    help="accelerate's mixed precision (default: the config's `precision`)")
-    g.add_argument("--accelerate-config", metavar="YAML", help="accelerate config instead of configs/accelerate/")
-    g.add_argument("--ds-config", metavar="JSON", help="DeepSpeed config instead of configs/deepspeed/zeroN.json")
+    g.add_argument("--accelerate-config", metavar="YAML",
+                   help="accelerate config instead of the packaged one (graft/launch/configs/accelerate/)")
+    g.add_argument("--ds-config", metavar="JSON",
+                   help="DeepSpeed config instead of the packaged graft/launch/configs/deepspeed/zeroN.json")
+    g.add_argument("--script", metavar="FILE",
+                   help="training script to start instead of the packaged trainer (python -m graft.train); "
+                        "it gets the same arguments: --config, --resume, overrides")
     g.add_argument("--dry-run", action="store_true", help="print the command and exit without running it")
     g.add_argument("--allow-config-change", action="store_true",
-                   help="passed to train.py: resume even if fields other than the safe ones changed")
+                   help="passed to the trainer: resume even if fields other than the safe ones changed")
     m = p.add_argument_group("multi-node (run the same command on every node, each with its --node-rank)")
     m.add_argument("--nodes", type=int, default=1, help="machines in the job")
     m.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 .. nodes-1")
@@ -98,7 +106,7 @@ def _launch_options(args, cfg) -> LaunchOptions:
             strategy=strategy, nodes=args.nodes, node_rank=args.node_rank,
             main_address=args.main_address, main_port=args.main_port, device=args.device,
             mixed_precision=args.mixed_precision or cfg.precision,
-            accelerate_config=args.accelerate_config, deepspeed_config=args.ds_config)
+            accelerate_config=args.accelerate_config, deepspeed_config=args.ds_config, script=args.script)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"graft: error: {e}") from e
 
@@ -223,7 +231,7 @@ def cmd_train(args) -> int:
 
 
 def resume_overrides(run_dir: Path, epochs: int | None, policy: str | None) -> list[str]:
-    """What `graft resume` adds to train.py's arguments: the run folder itself, and the extension."""
+    """What `graft resume` adds to the trainer's arguments: the run folder itself, and the extension."""
     out = [f"train.out_dir={run_dir}"]
     if epochs is not None:
         out.append(f"train.epochs={epochs}")
@@ -332,8 +340,9 @@ def _intermixed(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="start a training run (prints and runs the accelerate/torchrun command)",
-                       description="Start train.py under accelerate launch (or torchrun for FSDP2 on CPU).")
-    p.add_argument("--config", required=True, help="run config YAML, e.g. configs/digits_base.yaml")
+                       description="Start the trainer (python -m graft.train) under accelerate launch "
+                                   "(or torchrun for FSDP2 on CPU).")
+    p.add_argument("--config", required=True, help="run config YAML, e.g. the run.yaml `graft init` writes")
     p.add_argument("--resume", metavar="auto|PATH", help="continue from the newest complete checkpoint or PATH")
     _add_launch_options(_intermixed(p))
     p.set_defaults(func=cmd_train)

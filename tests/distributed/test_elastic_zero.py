@@ -42,7 +42,7 @@ def _plan(*steps) -> str:
 
 def _deepspeed(stage: int, nproc: int, out, plan: str) -> None:
     run([str(BIN / "accelerate"), "launch", "--use_deepspeed", "--deepspeed_config_file",
-         str(REPO / f"configs/deepspeed/zero{stage}.json"), "--num_processes", str(nproc), "--num_machines", "1",
+         str(REPO / f"graft/launch/configs/deepspeed/zero{stage}.json"), "--num_processes", str(nproc), "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          str(SCRIPT), str(out), plan], timeout=600, env=child_env())
 

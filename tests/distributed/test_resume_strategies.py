@@ -4,8 +4,8 @@ One launch per strategy; inside it the script trains 4 epochs straight, then 2 +
 and reports (tests/distributed/scripts/train_resume_strategy.py):
 
     ddp      accelerate launch --multi_gpu --num_processes 2   (Accelerator(cpu=True): MULTI_CPU)
-    zero2    accelerate launch --use_deepspeed, configs/deepspeed/zero2.json
-    zero3    accelerate launch --use_deepspeed, configs/deepspeed/zero3.json
+    zero2    accelerate launch --use_deepspeed, graft/launch/configs/deepspeed/zero2.json
+    zero3    accelerate launch --use_deepspeed, graft/launch/configs/deepspeed/zero3.json
     fsdp2    torchrun --nproc_per_node 2, train.strategy=fsdp2 (fully_shard; accelerate's FSDP
              plugin does nothing on CPU)
 """
@@ -25,8 +25,8 @@ SCRIPT = REPO / "tests/distributed/scripts/train_resume_strategy.py"
 ACCEL = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 CASES = {
     "ddp": ["--multi_gpu"],
-    "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "configs/deepspeed/zero2.json")],
-    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "configs/deepspeed/zero3.json")],
+    "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "graft/launch/configs/deepspeed/zero2.json")],
+    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "graft/launch/configs/deepspeed/zero3.json")],
 }
 
 

@@ -10,10 +10,18 @@ import pytest
 
 from graft.launch import train_cmd
 from graft.launch.cli import main as graft_main
-from graft.launch.commands import Command, LaunchOptions, build_command
+from graft.launch.commands import (
+    ACCELERATE_CONFIGS,
+    CONFIGS,
+    DEEPSPEED_CONFIGS,
+    TRAINER_MODULE,
+    Command,
+    LaunchOptions,
+    build_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = "tests/unit/test_launch.py"  # any existing file stands in for train.py (the tests run in REPO)
+SCRIPT = "tests/unit/test_launch.py"  # any existing file stands in for a user's script (the tests run in REPO)
 
 
 def opts(**kw) -> LaunchOptions:
@@ -28,6 +36,11 @@ def flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def same_file(printed: str, expected: Path) -> bool:
+    """A path as the command prints it (relative to the working folder when inside it) is `expected`."""
+    return Path(printed).resolve() == expected.resolve()
+
+
 @pytest.fixture(autouse=True)
 def _in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
@@ -38,7 +51,7 @@ def _in_repo(monkeypatch):
 def test_single_process_uses_plain_accelerate_config():
     cmd = build_command(opts(nproc=1), ["--config", "c.yaml"])
     assert Path(cmd.argv[0]).name == "accelerate" and cmd.argv[1] == "launch"
-    assert flag(cmd.argv, "--config_file") == "configs/accelerate/single.yaml"
+    assert same_file(flag(cmd.argv, "--config_file"), ACCELERATE_CONFIGS["single"])
     assert "--multi_gpu" not in cmd.argv  # accelerate refuses --multi_gpu with one process
     assert flag(cmd.argv, "--num_processes") == "1"
     assert cmd.argv[-3:] == [SCRIPT, "--config", "c.yaml"]
@@ -47,7 +60,7 @@ def test_single_process_uses_plain_accelerate_config():
 def test_ddp_cpu_is_the_recipe_that_works_on_cpu():
     cmd = build_command(opts(nproc=2, main_port=12345), ["a.b=1"])
     a = cmd.argv
-    assert flag(a, "--config_file") == "configs/accelerate/ddp.yaml"
+    assert same_file(flag(a, "--config_file"), CONFIGS / "accelerate" / "ddp.yaml")
     assert "--multi_gpu" in a and "--cpu" not in a  # --cpu silently runs ONE process (it wants mpirun)
     assert flag(a, "--num_processes") == "2" and flag(a, "--num_machines") == "1"
     assert flag(a, "--mixed_precision") == "no" and flag(a, "--dynamo_backend") == "no"
@@ -68,8 +81,8 @@ def test_deepspeed(stage):
     cmd = build_command(opts(nproc=2, strategy=stage))
     a = cmd.argv
     assert "--use_deepspeed" in a and "--multi_gpu" not in a  # accelerate allows only one of them
-    assert flag(a, "--config_file") == "configs/accelerate/deepspeed.yaml"
-    assert flag(a, "--deepspeed_config_file") == f"configs/deepspeed/{stage}.json"
+    assert same_file(flag(a, "--config_file"), CONFIGS / "accelerate" / "deepspeed.yaml")
+    assert same_file(flag(a, "--deepspeed_config_file"), CONFIGS / "deepspeed" / f"{stage}.json")
     # accelerate turns DeepSpeed off when ACCELERATE_USE_CPU is set
     assert "ACCELERATE_USE_CPU" not in cmd.env and cmd.env["DS_ACCELERATOR"] == "cpu"
     assert "--deepspeed_multinode_launcher" not in a
@@ -97,7 +110,7 @@ def test_fsdp_on_gpu_is_accelerate_fsdp2():
     cmd = build_command(opts(nproc=4, strategy="fsdp", device="gpu"))
     a = cmd.argv
     assert a[1] == "launch" and "--use_fsdp" in a and flag(a, "--fsdp_version") == "2"
-    assert flag(a, "--config_file") == "configs/accelerate/fsdp2.yaml"
+    assert same_file(flag(a, "--config_file"), CONFIGS / "accelerate" / "fsdp2.yaml")
 
 
 def test_accelerate_config_override(tmp_path):
@@ -112,13 +125,53 @@ def test_launcher_configs_are_valid():
 
     import yaml
 
+    # Package data, inside graft/ (an installed wheel has them there too: tests/e2e/test_installed.py).
+    assert CONFIGS == Path(__import__("graft").__file__).parent / "launch" / "configs"
     for name in ("single", "ddp", "fsdp2", "deepspeed"):
-        cfg = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
+        cfg = yaml.safe_load((CONFIGS / "accelerate" / f"{name}.yaml").read_text())
         assert cfg["compute_environment"] == "LOCAL_MACHINE"
-    assert yaml.safe_load((REPO / "configs/accelerate/fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
-    for stage in (2, 3):
-        ds = json.loads((REPO / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+    assert set(ACCELERATE_CONFIGS.values()) == set((CONFIGS / "accelerate").glob("*.yaml"))
+    assert yaml.safe_load((CONFIGS / "accelerate/fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
+    for stage in (1, 2, 3):
+        ds = json.loads(DEEPSPEED_CONFIGS[f"zero{stage}"].read_text())
         assert ds["zero_optimization"]["stage"] == stage
+
+
+# ------------------------------------------------------------------------------- the entry
+
+@pytest.mark.parametrize("kw", [dict(nproc=1), dict(nproc=2), dict(nproc=2, strategy="zero2"),
+                                dict(nproc=2, strategy="fsdp"), dict(nproc=4, strategy="fsdp", device="gpu")])
+def test_default_entry_is_the_packaged_trainer(kw):
+    """No script named: `-m graft.train` (accelerate launch and torchrun both take -m), from any folder."""
+    cmd = build_command(LaunchOptions(**{"device": "cpu", **kw}), ["--config", "c.yaml"])
+    a = cmd.argv
+    assert a[-4:] == ["-m", TRAINER_MODULE, "--config", "c.yaml"]
+    assert cmd.notes[0].startswith(f"entry: python -m {TRAINER_MODULE} (the packaged trainer)")
+    if Path(a[0]).name != "torchrun":
+        assert any(n == f"accelerate config: {flag(a, '--config_file')}" for n in cmd.notes)
+    if "--deepspeed_config_file" in a:
+        assert f"DeepSpeed config: {flag(a, '--deepspeed_config_file')}" in cmd.notes
+
+
+def test_a_train_py_in_the_folder_is_not_started_unless_named(tmp_path, monkeypatch):
+    """`graft init` writes the user's own-loop train.py: `graft train` still starts graft's trainer,
+    says so, and starts the file only when --script names it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("")
+    cmd = build_command(LaunchOptions(device="cpu"))
+    assert cmd.argv[-2:] == ["-m", TRAINER_MODULE] and "--script train.py" in cmd.notes[0]
+    cmd = build_command(LaunchOptions(device="cpu", script="train.py"), ["x=1"])
+    assert cmd.argv[-2:] == ["train.py", "x=1"] and cmd.notes[0] == "entry: train.py"
+
+
+def test_the_packaged_trainer_starts_as_a_module():
+    """`python -m graft.train --help` works from a folder that is not the repository."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", TRAINER_MODULE, "--help"], capture_output=True, text=True,
+                          cwd="/", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "accelerate launch -m graft.train" in proc.stdout and "--resume" in proc.stdout
 
 
 # ------------------------------------------------------------------------------- multi-node
@@ -209,21 +262,27 @@ def _dry(capsys, *argv) -> tuple[int, list[str], str]:
     return rc, shlex.split(line[2:]), out
 
 
-needs_train_py = pytest.mark.skipif(not (REPO / "train.py").exists(), reason="train.py not written yet")
-
-
-@needs_train_py
 def test_graft_train_dry_run(capsys, run_config):
     rc, argv, out = _dry(capsys, "train", "--config", str(run_config), "--nproc", "2", "--device", "cpu",
                          "--main-port", "29999", "--dry-run", "train.epochs=4")
     assert rc == 0
     assert "ACCELERATE_USE_CPU=true" in argv and "--multi_gpu" in argv
-    i = argv.index("train.py")
-    assert argv[i:] == ["train.py", "--config", str(run_config), "train.epochs=4"]
+    i = argv.index("-m")
+    assert argv[i:] == ["-m", "graft.train", "--config", str(run_config), "train.epochs=4"]
     assert f"run folder: {run_config.parent / 'run'}" in out
+    # which entry and which launcher configs, printed above the command
+    assert "# entry: python -m graft.train (the packaged trainer)" in out
+    assert f"# accelerate config: {flag(argv, '--config_file')}" in out
 
 
-@needs_train_py
+def test_graft_train_script_option(capsys, run_config):
+    rc, argv, out = _dry(capsys, "train", "--config", str(run_config), "--nproc", "1", "--device", "cpu",
+                         "--script", SCRIPT, "--dry-run")
+    assert rc == 0 and argv[-3:] == [SCRIPT, "--config", str(run_config)] and f"# entry: {SCRIPT}" in out
+    with pytest.raises(SystemExit, match="nope.py"):
+        graft_main(["train", "--config", str(run_config), "--device", "cpu", "--script", "nope.py", "--dry-run"])
+
+
 def test_graft_train_fsdp_tells_the_trainer(capsys, run_config):
     rc, argv, _ = _dry(capsys, "train", "--config", str(run_config), "--nproc", "2", "--strategy", "fsdp",
                        "--device", "cpu", "--dry-run")
@@ -231,7 +290,6 @@ def test_graft_train_fsdp_tells_the_trainer(capsys, run_config):
     assert argv[-1] == "train.strategy=fsdp2"
 
 
-@needs_train_py
 def test_graft_train_rejects_bad_config_before_launching(capsys, run_config):
     with pytest.raises(SystemExit, match="unknown config key"):
         graft_main(["train", "--config", str(run_config), "--dry-run", "--device", "cpu", "nope.x=1"])
@@ -239,7 +297,6 @@ def test_graft_train_rejects_bad_config_before_launching(capsys, run_config):
         graft_main(["train", "--config", str(run_config), "--dry-run", "--device", "cpu", "epochs"])
 
 
-@needs_train_py
 def test_graft_resume_dry_run_reads_the_run_folder(capsys, tmp_path, run_config):
     from graft.config import load_config
 
@@ -250,8 +307,8 @@ def test_graft_resume_dry_run_reads_the_run_folder(capsys, tmp_path, run_config)
     rc, argv, out = _dry(capsys, "resume", str(run_dir), "--epochs", "4", "train.log_every=1", "--policy", "restart",
                          "--nproc", "1", "--device", "cpu", "--dry-run")
     assert rc == 0
-    tail = argv[argv.index("train.py"):]
-    assert tail[:5] == ["train.py", "--config", str(run_dir / "config.yaml"), "--resume", "auto"]
+    tail = argv[argv.index("-m"):]
+    assert tail[:6] == ["-m", "graft.train", "--config", str(run_dir / "config.yaml"), "--resume", "auto"]
     assert {f"train.out_dir={run_dir}", "train.epochs=4", "schedule.on_extend=restart", "train.log_every=1"} <= set(tail)
     assert "to 4 epochs (restart)" in out
 
@@ -274,7 +331,6 @@ def _fake_checkpoint(run_dir: Path, name: str, train_state: dict) -> None:
                                                       "files": files}))
 
 
-@needs_train_py
 @pytest.mark.parametrize("saved, expect", [
     ({"world_size": 2, "strategy": "deepspeed", "zero_stage": 3}, ("zero3", "2")),
     ({"world_size": 4, "strategy": "ddp", "zero_stage": 0}, ("ddp", "4")),
@@ -291,7 +347,7 @@ def test_graft_resume_defaults_to_the_saved_launch(capsys, tmp_path, run_config,
     strategy, n = expect
     assert argv[argv.index("--num_processes") + 1] == n
     if strategy == "zero3":
-        assert argv[argv.index("--deepspeed_config_file") + 1] == "configs/deepspeed/zero3.json"
+        assert same_file(argv[argv.index("--deepspeed_config_file") + 1], DEEPSPEED_CONFIGS["zero3"])
     # explicit options win
     rc, argv, _ = _dry(capsys, "resume", str(run_dir), "--device", "cpu", "--dry-run", "--nproc", "1",
                        "--strategy", "ddp")
