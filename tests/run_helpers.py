@@ -100,3 +100,22 @@ def state_differences(a, b) -> list[str]:
         elif x != y:
             differ.append(k)
     return differ
+
+
+def elastic_plan(*steps) -> str:
+    """The plan argument of tests/distributed/scripts/elastic.py: its steps as one JSON list."""
+    return json.dumps(list(steps))
+
+
+def assert_elastic_check(r: dict, world: int, strategy: str) -> None:
+    """What a "check" step of elastic.py must show: resumed at `world` under `strategy` from the
+    saved epoch 2, every logical tensor, the param groups and the schedule bitwise the saved ones,
+    the derived RNG policy, and two more epochs whose losses keep falling."""
+    assert (r["world_size"], r["strategy"]) == (world, strategy)
+    assert r["saved"] == "epoch_000002" and r["summary"]["resumed_from"].endswith("epoch_000002")
+    assert r["differ"] == [], r["differ"]
+    assert r["tensors"] > 60  # weights and AdamW state (exp_avg, exp_avg_sq, step) of every parameter
+    assert r["summary"]["rng_policy"] == "derived" and r["summary"]["finished"]
+    before, after = r["losses_before"], r["losses_after"]
+    assert sorted(after) == ["3", "4"]
+    assert after["4"] < after["3"] < before["2"], (before, after)

@@ -26,7 +26,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, read_spans
+from graft.loading.formats.base import (
+    Checkpoint,
+    OpenOptions,
+    Span,
+    TensorMeta,
+    check_spans_fit,
+    file_sizes,
+    read_spans,
+)
 from graft.loading.formats.torch_zip import Archive, byte_range, check_view, read_tensor
 
 METADATA = ".metadata"
@@ -367,18 +375,8 @@ class DCPFolder(Checkpoint):
                 + (f"; also missing: {[Path(f).name for f in list(missing)[1:]]}" if len(missing) > 1 else ""),
                 "copy every *.distcp file of the checkpoint into the folder, or use a complete checkpoint",
             )
-        sizes: dict[str, int] = {}
-        for c in needed:
-            if c.file not in sizes:
-                try:
-                    sizes[c.file] = os.path.getsize(c.file)
-                except OSError as e:
-                    raise CheckpointError(c.file, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
-                                          "check that the file exists and that this user may read it") from e
-            if c.offset + c.length > sizes[c.file]:
-                raise CheckpointError(c.file, f"truncated: {c.fqn!r} needs bytes [{c.offset}, {c.offset + c.length})"
-                                      f" but the file has {sizes[c.file]} bytes",
-                                      "the file was cut short (interrupted copy); copy it again")
+        spans = [(c.fqn, Span(c.file, c.offset, c.length)) for c in needed]
+        check_spans_fit(spans, file_sizes({c.file for c in needed}))
         for c in needed:
             self._record(c)
 

@@ -32,7 +32,6 @@ rank's shard is ever loaded whole.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -44,7 +43,15 @@ import torch
 
 from graft._logging import get_logger
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, read_spans
+from graft.loading.formats.base import (
+    Checkpoint,
+    OpenOptions,
+    Span,
+    TensorMeta,
+    check_spans_fit,
+    file_sizes,
+    read_spans,
+)
 from graft.loading.formats.torch_zip import Archive, byte_range, check_tensors, read_tensor, stand_in
 
 log = get_logger(__name__)
@@ -461,21 +468,8 @@ class DeepSpeedFolder(Checkpoint):
         return None
 
     def validate(self, keys: Iterable[str]) -> None:
-        sizes: dict[str, int] = {}
-        for key in keys:
-            for p in self._entries[key].pieces or ():
-                if p.file not in sizes:
-                    try:
-                        sizes[p.file] = os.path.getsize(p.file)
-                    except OSError as e:
-                        raise CheckpointError(p.file, f"cannot stat the file holding part of {key!r}: {e}",
-                                              "restore the missing shard or use a complete checkpoint") from e
-                if p.offset + p.nbytes > sizes[p.file]:
-                    raise CheckpointError(
-                        p.file, f"truncated: {key!r} needs bytes [{p.offset}, {p.offset + p.nbytes}) but the"
-                        f" file has {sizes[p.file]} bytes",
-                        "the shard was cut short (interrupted copy); copy it again",
-                    )
+        spans = [(key, Span(p.file, p.offset, p.nbytes)) for key in keys for p in self._entries[key].pieces or ()]
+        check_spans_fit(spans, file_sizes({span.file for _, span in spans}))
 
     def read_into(
         self,
