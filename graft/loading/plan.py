@@ -2,9 +2,13 @@
 
 Every model key (parameters and persistent buffers) ends in exactly one bucket: load, new
 or mismatch; every checkpoint key is either used or unexpected, each with its reason.
-Key handling, in order: the user's rename rules (regex, applied in sequence), then the
-wrapper prefixes that DDP (`module.`), torch.compile (`_orig_mod.`) and Lightning-style
-modules (`model.`) add on either side, chosen to match the most keys, and reported.
+Key handling, in order: the user's rename rules (regex, applied in sequence); the inner
+segment a reader says its keys lack (a PEFT adapter's name); then prefixes, chosen to
+match the most keys and reported: the wrapper prefixes that DDP (`module.`), torch.compile
+(`_orig_mod.`) and Lightning-style modules (`model.`) add on either side, and on top of them
+one leading name on one side (`bert.`, `transformer.`, Lightning's `net.`...: a task model
+around a base model, or the reverse), used only when it at least doubles the keys that match
+and no other leading name comes close; otherwise the plan suggests the rename rule.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class LoadPlan:
     on_mismatch: str
     bytes_to_read: int = 0
     info: dict = field(default_factory=dict)
+    suggestions: list[str] = field(default_factory=list)
+    """Rules graft did not apply on its own (ambiguous, or too small a gain) but that would help."""
 
     def _keys(self, action: str) -> list[str]:
         return [k for k, e in self.entries.items() if e.action == action]
@@ -117,6 +123,7 @@ class LoadPlan:
             "info": {k: v for k, v in self.info.items() if _jsonable(v)},
             "on_mismatch": self.on_mismatch,
             "rules": self.rules,
+            "suggestions": self.suggestions,
             "coverage": self.coverage,
             "bytes_to_read": self.bytes_to_read,
             "loaded": self.loaded,
@@ -179,33 +186,116 @@ def _apply_renames(keys: Iterable[str], rename: Sequence[tuple[str, str]], rules
     return out
 
 
-def _align_prefixes(ckpt_names: dict[str, str], model_names: dict[str, str], rules: list[str]):
-    """Strip wrapper prefixes on whichever side makes the most keys meet; report what fired."""
+def _score(a: dict[str, str], b: dict[str, str]) -> int:
+    return len(set(a.values()) & set(b.values()))
+
+
+def _strip_leading(names: dict[str, str], prefix: str, repeat: bool) -> dict[str, str] | None:
+    """`names` with `prefix` stripped where it leads (repeatedly for wrappers); None if two
+    keys would collapse into one."""
+    stripped = {k: (_strip(v, prefix) if repeat else v.removeprefix(prefix)) for k, v in names.items()}
+    return stripped if len(set(stripped.values())) == len(stripped) else None
+
+
+def _lead_gains(names: dict[str, str], other: set[str]) -> dict[str, int]:
+    """For each leading name ('bert.', 'net.'; wrapper prefixes aside), how many more of `names`
+    meet `other` with it stripped: one pass over the keys, whatever the number of names."""
+    gains: Counter = Counter()
+    for v in names.values():
+        head, dot, rest = v.partition(".")
+        if dot and head + dot not in WRAPPER_PREFIXES:
+            gains[head + dot] += (rest in other) - (v in other)
+    return {name: gain for name, gain in gains.items() if gain > 0}
+
+
+def _align_prefixes(ckpt_names: dict[str, str], model_names: dict[str, str], rules: list[str],
+                    suggestions: list[str]):
+    """Strip wrapper prefixes on whichever side makes the most keys meet, then at most one
+    leading name on one side when that clearly helps; report what fired, suggest the rest."""
 
     def variants(names: dict[str, str]):
         out = [(None, names)]
         for prefix in WRAPPER_PREFIXES:
             if any(v.startswith(prefix) for v in names.values()):
-                stripped = {k: _strip(v, prefix) for k, v in names.items()}
-                if len(set(stripped.values())) == len(stripped):  # no two keys collapse
+                if (stripped := _strip_leading(names, prefix, repeat=True)) is not None:
                     out.append((prefix, stripped))
         return out
 
     best = None
     for cp, cn in variants(ckpt_names):
         for mp, mn in variants(model_names):
-            score = len(set(cn.values()) & set(mn.values()))
+            score = _score(cn, mn)
             changes = (cp is not None) + (mp is not None)
             if best is None or (score, -changes) > (best[0], -best[1]):
                 best = (score, changes, cp, cn, mp, mn)
-    _, _, cp, cn, mp, mn = best
+    base, _, cp, cn, mp, mn = best
     if cp:
         n = sum(ckpt_names[k] != cn[k] for k in cn)
         rules.append(f"stripped wrapper prefix {cp!r} from {n} checkpoint keys")
     if mp:
         n = sum(model_names[k] != mn[k] for k in mn)
         rules.append(f"stripped wrapper prefix {mp!r} from {n} model keys")
+
+    # One leading name on one side: a base model's checkpoint into its task model (the model's
+    # keys have `bert.`), a task checkpoint into the base model, a Lightning module's attribute.
+    leads = []
+    for side, names, other in (("checkpoint", cn, mn), ("model", mn, cn)):
+        for name, gain in _lead_gains(names, set(other.values())).items():
+            leads.append((gain, side, name))
+    if not leads:
+        return cn, mn
+    leads.sort(key=lambda lead: -lead[0])
+    gain, side, name = leads[0]
+    runner_up = leads[1][0] if len(leads) > 1 else 0
+    stripped = _strip_leading(cn if side == "checkpoint" else mn, name, repeat=False)
+    # Many more keys (at least double), unambiguously, and no two keys collapsing into one.
+    if gain >= base and 2 * runner_up < gain and stripped is not None:
+        n = sum(v != stripped[k] for k, v in (cn if side == "checkpoint" else mn).items())
+        rules.append(f"stripped leading name {name!r} from {n} {side} keys ({base + gain} keys match"
+                     f" with it, {base} without)")
+        return (stripped, mn) if side == "checkpoint" else (cn, stripped)
+    why = ("ambiguous: " if 2 * runner_up >= gain else
+           "two keys would become one, check before using: " if stripped is None else "")
+    for gain, side, name in leads[:2 if why else 1]:
+        rule = (rf"(r'^{re.escape(name)}', '')" if side == "checkpoint" else f"(r'^', {name!r})")
+        suggestions.append(f"{why}rename=[{rule}] would match {gain} more keys"
+                           f" ({name!r} {'stripped from the checkpoint' if side == 'checkpoint' else 'as in the model'})")
     return cn, mn
+
+
+def _removals(key: str):
+    """(segment, the key without it) for each inner segment of `key`."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        yield parts[i], ".".join(parts[:i] + parts[i + 1:])
+
+
+def insert_segment(ckpt_names: dict[str, str], model_names: dict[str, str], segment: dict,
+                   rules: list[str], suggestions: list[str]) -> dict[str, str]:
+    """Insert the one inner segment the model's keys have and the checkpoint's lack.
+
+    A PEFT adapter is saved as `...query.lora_A.weight`, loaded as `...query.lora_A.default.weight`:
+    the segment is whichever name, removed from model keys, explains the most checkpoint keys
+    (`segment["name"]` when the user named it); a tie is suggested, not guessed.
+    """
+    if set(ckpt_names.values()) & set(model_names.values()):
+        return ckpt_names  # the keys already carry it: nothing to insert
+    wanted = set(ckpt_names.values())
+    counts = Counter(seg for key in model_names.values() for seg, rest in _removals(key) if rest in wanted)
+    top = counts.most_common(2)
+    name = segment.get("name")
+    if name is None and (len(top) == 1 or (len(top) == 2 and top[0][1] > top[1][1])):
+        name = top[0][0]
+    if name is None:
+        if top:
+            suggestions.append(f"the model has several {segment['what']}s that fit equally ({', '.join(sorted(counts))}):"
+                               f" pass {segment['option']}= the one to load")
+        return ckpt_names
+    by_removal = {rest: key for key in model_names.values() for seg, rest in _removals(key) if seg == name}
+    out = {ck: by_removal.get(t, t) for ck, t in ckpt_names.items()}
+    if n := sum(out[ck] != ckpt_names[ck] for ck in out):
+        rules.append(f"inserted {segment['what']} {name!r} into {n} checkpoint keys")
+    return out
 
 
 def _matches(patterns: Sequence[str], *names: str | None) -> str | None:
@@ -246,6 +336,7 @@ def plan(
     rename = [tuple(r) for r in rename]
     tensors = model_tensors(model) if tensors is None else tensors
     rules: list[str] = []
+    suggestions: list[str] = []
 
     ckpt_names = _apply_renames(ckpt.keys(), rename, rules)
     if strip_prefixes:
@@ -256,7 +347,10 @@ def plan(
             rules.append(f"stripped '_orig_mod.' (torch.compile) from {len(compiled)} checkpoint keys")
         if any(k != v for k, v in model_names.items()):
             rules.append("stripped '_orig_mod.' (torch.compile) from model keys")
-        ckpt_names, model_names = _align_prefixes(ckpt_names, model_names, rules)
+        # A format whose keys lack one inner segment the model has (PEFT's adapter name).
+        if isinstance(segment := ckpt.info().get("key_segment"), dict):
+            ckpt_names = insert_segment(ckpt_names, model_names, segment, rules, suggestions)
+        ckpt_names, model_names = _align_prefixes(ckpt_names, model_names, rules, suggestions)
     else:
         model_names = {k: k for k in tensors}
 
@@ -346,7 +440,7 @@ def plan(
             unexpected[ck] = f"{entries[mk].reason} ({mk!r})"
 
     result = LoadPlan(str(ckpt.path), ckpt.format, ckpt.source, entries, unexpected, rules, on_mismatch,
-                      info=ckpt.info())
+                      info=ckpt.info(), suggestions=suggestions)
     result.bytes_to_read = sum(
         ckpt.meta(e.ckpt_key).nbytes for e in entries.values()
         if e.ckpt_key and not e.tied_to and (e.action == "load" or e.partial)

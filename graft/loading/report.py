@@ -25,12 +25,22 @@ def _group(keys: list[str], depth: int = 1) -> str:
     return ", ".join(f"{g} ({n})" if n > 1 else g for g, n in groups.items())
 
 
+def shown_unexpected(plan: LoadPlan) -> tuple[dict[str, str], int]:
+    """The unexpected checkpoint keys a table lists, and how many it leaves out: a key that feeds
+    a mismatched model key is already shown there, with the same reason (the JSON keeps all)."""
+    mismatched = {e.ckpt_key for e in plan.entries.values() if e.action == "mismatch" and e.ckpt_key}
+    shown = {k: r for k, r in plan.unexpected.items() if k not in mismatched}
+    return shown, len(plan.unexpected) - len(shown)
+
+
 def render_plan(plan: LoadPlan, title: str = "dry run") -> str:
     """The plan as a table: one row per model key, then the unexpected checkpoint keys."""
     where = f"{plan.format}" + (f", weights at {plan.source!r}" if plan.source else "")
     lines = [f"graft {title}: {plan.path} ({where})"]
     for rule in plan.rules:
         lines.append(f"  rule: {rule}")
+    for hint in plan.suggestions:
+        lines.append(f"  suggestion: {hint}")
     lines.append(
         f"  {len(plan.loaded)} loaded, {len(plan.new)} new, {len(plan.mismatched)} mismatched"
         f" ({len(plan.partial)} partial), {len(plan.unexpected)} unexpected;"
@@ -42,7 +52,8 @@ def render_plan(plan: LoadPlan, title: str = "dry run") -> str:
         if e.partial:
             status = "partial"
         rows.append((status, k, fmt_shape(e.shape), str(e.dtype).removeprefix("torch."), e.reason))
-    for ck, reason in plan.unexpected.items():
+    shown, _ = shown_unexpected(plan)
+    for ck, reason in shown.items():
         rows.append(("unexpected", ck, "", "", reason))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
@@ -119,6 +130,8 @@ class LoadReport:
         lines = [f"graft load: {p.path} ({where})"]
         for rule in p.rules:
             lines.append(f"  rule        {rule}")
+        for hint in p.suggestions:
+            lines.append(f"  suggestion  {hint}")
         lines.append(f"  loaded      {len(p.loaded):4d}  {_group(p.loaded)}")
         for k in p.casts:
             e = p.entries[k]
@@ -128,8 +141,10 @@ class LoadReport:
         lines.append(f"  mismatched  {len(p.mismatched):4d}")
         for k in p.mismatched:
             lines.append(f"    {k}: {p.entries[k].reason}")
-        lines.append(f"  unexpected  {len(p.unexpected):4d}")
-        for k, reason in p.unexpected.items():
+        shown, left_out = shown_unexpected(p)
+        also = f"  (and the {left_out} checkpoint key(s) of the mismatched keys above)" if left_out else ""
+        lines.append(f"  unexpected  {len(shown):4d}{also}")
+        for k, reason in shown.items():
             lines.append(f"    {k}: {reason}")
         lines.append(f"  coverage    {p.coverage:.1%} of model parameters (by numel)")
         lines.append(f"  read        {human_bytes(self.bytes_read)} in {self.seconds:.2f} s"

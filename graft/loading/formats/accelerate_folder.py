@@ -17,12 +17,10 @@ import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
-
-import torch
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.base import OpenOptions
+from graft.loading.formats.delegate import Delegating
 
 # Accelerate's own names for the files of save_state (accelerate.utils.constants).
 _RNG_FILE = re.compile(r"random_states_(\d+)\.pkl$")
@@ -69,7 +67,7 @@ def read_step(rng_file: Path) -> int | None:
     return None
 
 
-class AccelerateFolder(Checkpoint):
+class AccelerateFolder(Delegating):
     format = "accelerate"
     describes = "a folder from Accelerator.save_state or save_model (model.safetensors, pytorch_model.bin, model_1...)"
 
@@ -116,17 +114,9 @@ class AccelerateFolder(Checkpoint):
         self.inner = open_checkpoint(self.path / self.weights, options)
         self.source = self.weights + (f" ({self.inner.source})" if self.inner.source else "")
 
-    # -- metadata, from the weights file's reader --------------------------------------
-    def keys(self) -> list[str]:
-        return self.inner.keys()
-
-    def meta(self, key: str) -> TensorMeta:
-        return self.inner.meta(key)
-
     def info(self) -> dict:
         step = read_step(self.path / "random_states_0.pkl") if 0 in self.rng_ranks else None
         m = _ITERATION_IN_NAME.search(self.path.name)
-        inner = {k: v for k, v in self.inner.info().items() if k not in ("format", "path", "source")}
         return {
             **super().info(),
             "written_by": self.written_by,
@@ -139,27 +129,5 @@ class AccelerateFolder(Checkpoint):
             "save_iteration": int(m.group(1)) if m else None,
             # save_state writes one random_states_<rank>.pkl per process.
             "world_size": len(self.rng_ranks) or None,
-            **{f"weights_{k}": v for k, v in inner.items() if v is not None and k != "metadata"},
+            **self.inner_info(),
         }
-
-    # -- data, from the weights file's reader ------------------------------------------
-    def span(self, key: str) -> Span | None:
-        return self.inner.span(key)
-
-    def _materialize(self, key: str) -> torch.Tensor:
-        return self.inner._materialize(key)
-
-    def validate(self, keys: Iterable[str]) -> None:
-        self.inner.validate(keys)
-
-    def read_into(
-        self,
-        requests: Sequence[tuple[str, torch.Tensor]],
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> None:
-        before = self.inner.bytes_read
-        self.inner.read_into(requests, on_bytes)
-        self.bytes_read += self.inner.bytes_read - before
-
-    def close(self) -> None:
-        self.inner.close()

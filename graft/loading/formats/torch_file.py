@@ -16,6 +16,9 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.pickled import (
+    INERT_BY_DEFAULT, allow_patterns, global_name, is_module, load_with_stand_ins, module_tensors, not_a_model,
+)
 from graft.loading.formats.torch_zip import (
     MAGIC, Archive, blocked_global, byte_range, check_view, is_archive, read_tensor, stand_in, stored,
 )
@@ -57,23 +60,25 @@ def find_state_dict(obj, path: Path, container: str | None) -> tuple[dict[str, t
                     "pass container= one of the keys above, or None to let graft find it",
                 )
             node = node[part]
+        if is_module(node):
+            return module_tensors(node), f"{container} (pickled module {global_name(node)})"
         if not _is_tensor_dict(node):
             raise CheckpointError(path, f"container {container!r} holds no tensors",
                                   "pass container= the key that holds the state dict")
         return _tensor_items(node), container
     if not isinstance(obj, Mapping):
-        if isinstance(obj, torch.nn.Module):
-            return _tensor_items(obj.state_dict()), "<module>.state_dict()"
-        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict",
-                              "save model.state_dict() instead of the object")
+        if is_module(obj):
+            return module_tensors(obj), f"pickled module {global_name(obj)}"
+        raise not_a_model(path, obj) or CheckpointError(
+            path, f"holds a {type(obj).__name__}, not a state dict", "save model.state_dict() instead of the object")
     values = list(obj.values())
     if values and sum(isinstance(v, torch.Tensor) for v in values) * 2 >= len(values):
         return _tensor_items(obj), None
     for key in CONTAINER_KEYS:
         if _is_tensor_dict(obj.get(key)):
             return _tensor_items(obj[key]), key
-        if isinstance(obj.get(key), torch.nn.Module):
-            return _tensor_items(obj[key].state_dict()), key
+        if is_module(obj.get(key)):
+            return module_tensors(obj[key]), f"{key} (pickled module {global_name(obj[key])})"
     nested = [str(k) for k, v in obj.items() if _is_tensor_dict(v)]
     if len(nested) == 1:
         return _tensor_items(obj[nested[0]]), nested[0]
@@ -82,7 +87,7 @@ def find_state_dict(obj, path: Path, container: str | None) -> tuple[dict[str, t
             path, f"several entries hold tensors: {nested}; which one is the model is ambiguous",
             f"pass container= one of {nested}",
         )
-    raise CheckpointError(
+    raise not_a_model(path, obj) or CheckpointError(
         path, f"no state dict found; top-level keys: {sorted(map(str, obj))[:20]}",
         "pass container= the key that holds the model's tensors",
     )
@@ -154,20 +159,58 @@ class TorchFile(Checkpoint):
         if size == 0:
             raise CheckpointError(self.path, "is empty (0 bytes)",
                                   "the save was interrupted; use an earlier checkpoint")
-        load = dict(allow_globals=options.allow_globals, trust_pickle=options.trust_pickle)
-        if self._zip:
-            # Tensors come back on the meta device, each storage located in its own record.
-            obj = Archive(self.path).load(**load)
-        else:
-            # Legacy format: no records to read from, so the file is read once, whole.
-            obj = safe_load(self.path, map_location="cpu", mmap=False, **load)
-            self.bytes_read += size
+        try:
+            obj, _ = load_with_stand_ins(self._load, tuple(options.allow_globals))
+        except CheckpointError as e:
+            raise self._refusal(e) from e.__cause__
         self._tensors, self.source = find_state_dict(obj, self.path, options.container)
         if self._zip:
             # Every view inside its storage, before the plan or any copy.
             for key, t in self._tensors.items():
                 if stored(t) is not None:
                     check_view(t, self.path, key)
+
+    def _load(self, allow_globals: list[str]):
+        load = dict(allow_globals=allow_globals, trust_pickle=self.options.trust_pickle)
+        if self._zip:
+            # Tensors come back on the meta device, each storage located in its own record.
+            return Archive(self.path).load(**load)
+        # Legacy format: no records to read from, so the file is read once, whole.
+        obj = safe_load(self.path, map_location="cpu", mmap=False, **load)
+        self.bytes_read = self.path.stat().st_size  # once, however many tries
+        return obj
+
+    def _refusal(self, refused: CheckpointError) -> CheckpointError:
+        """The error for a pickle that needs globals nobody allowed, with the way out that works.
+
+        The file is read once more with every refused global stood in (inert: no code from it
+        runs) to see what it holds: a non-model file is named as such; a state dict or a whole
+        module is reachable by allow-listing every global it needs, all named at once.
+        """
+        try:
+            obj, stood_in = load_with_stand_ins(self._load, ("*",))
+        except CheckpointError:
+            return refused  # not a global problem after all (damaged bytes): the first error says it
+        needed = allow_patterns([n for n in stood_in if n not in INERT_BY_DEFAULT])
+        way = f"pass allow_globals={needed!r}"
+        if (error := not_a_model(self.path, obj)) is not None:
+            return error
+        try:
+            _, source = find_state_dict(obj, self.path, self.options.container)
+        except CheckpointError as e:
+            return CheckpointError(self.path, f"needs the globals {needed} and then: {e.problem}",
+                                   f"{e.way_out}, and {way}")
+        if "pickled module" in (source or ""):
+            return CheckpointError(
+                self.path, f"holds a whole pickled module, from torch.save(model) ({source}): its"
+                " classes are globals weights_only=True does not allow (graft never retries with"
+                " unsafe unpickling)",
+                f"{way} to read its parameters and buffers off inert stand-ins (no code from the file"
+                " runs); or save model.state_dict() instead")
+        return CheckpointError(
+            self.path, f"the pickle needs the globals {needed}, which weights_only=True does not allow"
+            " (graft never retries with unsafe unpickling)",
+            f"{way} to rebuild them as inert stand-ins; or, for a file you trust completely, trust_pickle=True")
 
     def keys(self) -> list[str]:
         return list(self._tensors)
