@@ -17,6 +17,16 @@ model (fp32 Linear layers of 4096 x 4096 summing to --gb), after one AdamW step:
     rank-0 torch.save     full state gathered to rank 0 (get_*_state_dict full_state_dict, cpu_offload),
                           torch.save, fsynced
     floor: write halves   both ranks write their local shards' bytes, write + fsync
+  Asynchronous saves (FSDP2), training going on until the commit:
+    graft async           graft.Checkpointer(async_save=True).save, then wait() after the training steps
+    dcp.async_save        torch.distributed.checkpoint.async_save (its own gloo group), then .result()
+    per save: the time training is blocked, the time to the durable commit, extra anonymous memory
+    per rank against the rank's own shard (the peak of one more save with no training beside it,
+    plus memory the save keeps between saves: graft's reused snapshot buffer),
+    and training throughput while the save is written
+    against training with no save (a forward + backward of the model on 8 samples per step; the
+    ranks agree after each step whether to go on, as a loop's stop() does). On 2 cores the
+    writer threads compete with training for the CPU: that is what the throughput row shows.
   Resume, cold (the checkpoint's files dropped from the page cache first):
     graft 2 -> 2          the FSDP2 checkpoint restored into the FSDP2 run (same world size)
     graft 2 -> 1          the same checkpoint restored in one process (rank 0; another world size)
@@ -235,6 +245,7 @@ def worker(args) -> None:
     timed("dcp.save (fsdp2)", dcp_fsdp2, shared / "dcp_fsdp2", args.reps)
     timed("rank-0 torch.save gathered (fsdp2)", torch_save_fsdp2, shared / "torch_fsdp2.pt", args.reps)
     timed("floor: write halves (fsdp2)", floor_fsdp2, None, args.reps)
+    async_records = async_saves(model, opt, shared, rank, world, args.reps)
 
     # -- resume (cold) ---------------------------------------------------------------------
     ckpt = shared / "graft_fsdp2" / "checkpoints" / "epoch_000001"
@@ -255,9 +266,138 @@ def worker(args) -> None:
     timed("floor: read 1 (all shards)", lambda: read_floor(shard_files, buf) if rank == 0 else None, None,
           args.reps, before=cold)
     if rank == 0:
-        Path(args.out).write_text(json.dumps({"records": records}, indent=1))
+        Path(args.out).write_text(json.dumps({"records": records, "async": async_records}, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def async_saves(model, opt, shared: Path, rank: int, world: int, reps: int) -> list[dict]:
+    """graft's asynchronous save and dcp.async_save on the FSDP2 model, training on until each commits."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    import graft
+    from graft.checkpointing.preempt import max_over_ranks
+
+    x = torch.randn(8, COLS)
+
+    def train_step() -> None:
+        model(x).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def steps_while(going) -> tuple[int, float]:
+        """Train until no rank is `going` any more (agreed after every step); (steps, seconds)."""
+        t0, n = time.perf_counter(), 0
+        while True:
+            train_step()
+            n += 1
+            if not max_over_ranks([int(going(time.perf_counter() - t0))])[0]:
+                return n, time.perf_counter() - t0
+
+    steps_while(lambda s: s < 0.5)  # warm-up
+    n, sec = steps_while(lambda s: s < 2.0)
+    no_save = n / sec
+    ckpt = graft.Checkpointer(shared / "graft_async", model=model, optimizer=opt, async_save=True, lock=False)
+    side = dist.new_group(backend="gloo")  # dcp's thread gets a group of its own, as graft's does
+    pending: dict = {}
+
+    def graft_start(rep: int) -> int:
+        return ckpt.save(epoch=rep + 1, step=rep + 1).bytes_per_rank[rank]
+
+    def dcp_start(rep: int) -> int:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        pending["future"] = dcp.async_save(state, checkpoint_id=str(shared / "dcp_async"), process_group=side)
+        return sum(t.to_local().nbytes if hasattr(t, "to_local") else 0 for t in _tensors(state))
+
+    def dcp_finish() -> None:
+        pending.pop("future").result()
+        fsync_all(shared / "dcp_async")
+
+    # Memory: one more save of each, with no training beside it (training's own transient memory
+    # would blur the peak), plus what a save keeps between saves (graft's reused snapshot buffer,
+    # resident since rep 0); dcp's default stager copies anew each time.
+    held = {"graft async (fsdp2)": lambda: ckpt.writer.snapshot.buf.numel() if ckpt.writer.snapshot.buf is not None
+            else 0, "dcp.async_save (fsdp2)": lambda: 0}
+    methods = {
+        "graft async (fsdp2)": (shared / "graft_async", graft_start, lambda: ckpt.writer.writing, ckpt.wait),
+        "dcp.async_save (fsdp2)": (shared / "dcp_async", dcp_start, lambda: not pending["future"].done(), dcp_finish),
+    }
+    out = []
+    for name, (where, start, writing, finish) in methods.items():
+        for rep in range(reps + 1):  # rep 0: untimed warm-up (and the first allocation of staging memory)
+            if rank == 0 and where.exists():
+                shutil.rmtree(where)
+            gc.collect()
+            dist.barrier()
+            t0 = time.perf_counter()
+            shard = start(rep)
+            blocked = time.perf_counter() - t0
+            steps, sec = steps_while(lambda _: writing())
+            finish()
+            commit = time.perf_counter() - t0
+            with PeakRss() as peak:
+                start(rep)
+                finish()
+            mine = {"blocked": blocked, "commit": commit, "anon": held[name]() + peak.extra_anon, "shard": shard,
+                    "rate": steps / sec, "no_save_rate": no_save}
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            if rank == 0 and rep > 0:
+                out.append({"method": name, "rep": rep, "ranks": gathered})
+                print(f"  rep {rep} {name:36s} blocked {max(g['blocked'] for g in gathered):7.3f} s, commit "
+                      f"{max(g['commit'] for g in gathered):7.3f} s", flush=True)
+            dist.barrier()
+    ckpt.close()
+    dist.destroy_process_group(side)
+    return out
+
+
+def _tensors(tree) -> list:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return [tree] if hasattr(tree, "shape") else []
+
+
+def summarise_async(data: dict, sync_save: float) -> list[str]:
+    records = data.get("async") or []
+    if not records:
+        return []
+
+    def med(m, key, rank=None):
+        vals = [max(g[key] for g in r["ranks"]) if rank is None else r["ranks"][rank][key]
+                for r in records if r["method"] == m]
+        return statistics.median(vals) if vals else float("nan")
+
+    def worst(m, rank, key):
+        return max(r["ranks"][rank][key] for r in records if r["method"] == m)
+
+    lines = ["", "| async method | blocked s per save | s to durable commit | extra anon MiB r0 / r1 | "
+                 "own shard MiB r0 / r1 | training steps/s during the save, x no save |", "|---|---|---|---|---|---|"]
+    for m in dict.fromkeys(r["method"] for r in records):
+        rate = min(med(m, "rate", r) / med(m, "no_save_rate", r) for r in (0, 1))
+        lines.append(f"| {m} | {med(m, 'blocked'):.3f} | {med(m, 'commit'):.3f} | "
+                     f"{worst(m, 0, 'anon') / 2**20:.0f} / {worst(m, 1, 'anon') / 2**20:.0f} | "
+                     f"{worst(m, 0, 'shard') / 2**20:.0f} / {worst(m, 1, 'shard') / 2**20:.0f} | {rate:.2f} |")
+    g, d = "graft async (fsdp2)", "dcp.async_save (fsdp2)"
+    blocked = med(g, "blocked")
+    rate = min(med(g, "rate", r) / med(g, "no_save_rate", r) for r in (0, 1))
+    over = [worst(g, r, "anon") / worst(g, r, "shard") for r in (0, 1)]
+    slack = max(worst(g, r, "anon") - worst(g, r, "shard") for r in (0, 1))
+    verdicts = [
+        (f"graft async blocked time at most 20% of graft's synchronous save ({blocked:.3f} s vs {sync_save:.3f} s: "
+         f"{blocked / sync_save:.0%})", blocked <= 0.2 * sync_save),
+        (f"graft async blocked time at or below dcp.async_save's ({blocked:.3f} s vs {med(d, 'blocked'):.3f} s)",
+         blocked <= med(d, "blocked")),
+        (f"graft async extra memory per rank at most its own shard, + 1 MiB for metadata and the writer "
+         f"thread ({over[0]:.3f}x / {over[1]:.3f}x, {slack / 2**20:+.2f} MiB)", slack <= 2**20),
+        (f"training throughput during a background save within 15% of no save ({rate:.2f}x; 2 cores shared with "
+         f"the writer)", rate >= 0.85),
+    ]
+    return [*lines, "", *[f"{'PASS' if ok else 'MISS'}  {text}" for text, ok in verdicts]]
 
 
 def summarise(data: dict, state_bytes: int) -> str:
@@ -299,6 +439,7 @@ def summarise(data: dict, state_bytes: int) -> str:
         verdicts.append((f"{m} within 1.3x of the read floor ({med(m) / floors[k]:.2f}x)", med(m) <= 1.3 * floors[k]))
     lines.append("")
     lines += [f"{'PASS' if ok else 'MISS'}  {text}" for text, ok in verdicts]
+    lines += summarise_async(data, med("graft (fsdp2)"))
     lines.append(f"(state saved: {state_bytes / 2**30:.2f} GiB of weights and AdamW moments)")
     return "\n".join(lines)
 

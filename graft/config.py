@@ -168,6 +168,8 @@ class TrainConfig:
     """Save a run checkpoint every N epochs (the last epoch is always saved)."""
     keep_last: int | None = 3
     """Keep only the newest N complete checkpoints (null: keep all)."""
+    async_save: bool = False
+    """Save in the background: training waits only for a snapshot (at most each rank's shard, in host memory)."""
     out_dir: str = "runs/run"
     """The run folder: config.yaml, metrics.jsonl, checkpoints/."""
     seed: int = 0
@@ -244,7 +246,7 @@ class RunConfig:
 # Fields a resumed run may change without --allow-config-change: they change neither the
 # math nor the data order of the steps already taken.
 SAFE_ON_RESUME = frozenset({
-    "train.epochs", "train.save_every", "train.keep_last", "train.out_dir", "train.log_every",
+    "train.epochs", "train.save_every", "train.keep_last", "train.async_save", "train.out_dir", "train.log_every",
     "train.progress", "train.session_epochs", "data.num_workers", "data.root", "schedule.on_extend", "init.checkpoint",
     # Run checkpoints are world-size- and strategy-free: a run may continue under another one.
     "train.strategy",

@@ -32,6 +32,14 @@ What is restored, and how exactly:
 So at the same world size a resumed loop is bit for bit the one that never stopped, if the loop
 itself is deterministic; at another the restored state is exact and the losses that follow are
 not (reductions add in another order).
+
+With `async_save=True` a save blocks the loop only while each rank copies what it will write
+into a reused host buffer (at most its own shard, pinned on GPUs) and captures the small state;
+a background thread writes, hashes, fsyncs and commits (graft/checkpointing/async_save.py).
+At most one save is in flight (the next waits for the commit, and logs how long); a background
+failure is raised on every rank at the next `save()`, `wait()`, `check()`, `close()` or
+`stop()` of `preemption()` (which checks it after every step, with no extra collective). The
+loop must call `wait()` (or `close()`) before it exits, so the last checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -39,22 +47,25 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from graft._logging import get_logger
 from graft.checkpointing import faults, layout
+from graft.checkpointing.async_save import AsyncWriter
 from graft.checkpointing.atomic import clean_leftovers
 from graft.checkpointing.layout import Manifest
 from graft.checkpointing.lock import RunDirLock
-from graft.checkpointing.preempt import PreemptFlag
+from graft.checkpointing.preempt import PreemptFlag, collective_device, max_over_ranks
 from graft.checkpointing.restore import RestoreStats, read_ranges, restore
 from graft.checkpointing.rng import RNG_POLICY_DERIVED, RNG_POLICY_SAME, capture_rng, derive_rng, restore_rng
-from graft.checkpointing.save import SaveResult, broadcast, rank_world, save
+from graft.checkpointing.save import SaveResult, broadcast, prepare, rank_world, write
 from graft.checkpointing.slices import StateAdapter
 from graft.checkpointing.torch_adapter import TorchAdapter
 from graft.errors import CheckpointError, ConfigError, GraftError
@@ -248,7 +259,8 @@ class Checkpointer:
     """Save and resume a run from any loop; see the module doc. Call every method on every rank."""
 
     def __init__(self, run_dir: str | Path, *, model=None, optimizer=None, scheduler=None, sampler=None,
-                 keep_last: int | None = None, config: dict | None = None, seed: int = 0, lock: bool = True):
+                 keep_last: int | None = None, config: dict | None = None, seed: int = 0, lock: bool = True,
+                 async_save: bool = False):
         """run_dir: the run folder (checkpoints/ goes inside). model/optimizer: what the loop trains,
         wrapped or not (accelerate, DDP, FSDP2, a DeepSpeed engine and its optimizer). scheduler:
         anything with state_dict()/load_state_dict() whose state is JSON (torch LR schedulers are).
@@ -256,7 +268,10 @@ class Checkpointer:
         that many complete checkpoints (older ones are deleted after each commit; None keeps all).
         config: a JSON/YAML-able dict saved as config.yaml (given back as ResumePoint.saved_config).
         seed: the base of the derived RNG policy (another world size). lock: rank 0 takes the run
-        folder's lock now (a second job on it is refused, naming the holder) and proves it writable."""
+        folder's lock now (a second job on it is refused, naming the holder) and proves it writable.
+        async_save: `save()` returns after a snapshot; the files are written and committed by a
+        background thread (see the module doc). In a multi-process job this makes a gloo process
+        group for that thread, here, on every rank."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; use >= 1 or None (keep every checkpoint)")
         self.run_dir = Path(run_dir)
@@ -265,6 +280,12 @@ class Checkpointer:
         self.rank, self.world = rank_world()
         self.lock: RunDirLock | None = None
         self.last_saved: Path | None = None
+        """The newest checkpoint this Checkpointer has committed."""
+        self.writer: AsyncWriter | None = None
+        if async_save:
+            # The writer thread's collectives must not share a group with the loop's (see async_save).
+            group = dist.new_group(backend="gloo") if self.world > 1 else None
+            self.writer = AsyncWriter(group)
         if lock:
             self._agree(self._claim)
 
@@ -296,10 +317,14 @@ class Checkpointer:
         log.info("locked %s (%s)", self.lock.path, self.lock.mode)
 
     def close(self) -> None:
-        """Release the run folder (rank 0's lock). Idempotent."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        """Wait for a save in flight to commit (raising its failure), then release the run folder
+        (rank 0's lock). Idempotent."""
+        try:
+            self.wait()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -402,7 +427,8 @@ class Checkpointer:
     def save(self, *, epoch: int, step: int, samples_in_epoch: int = 0, batch_in_epoch: int = 0,
              extra: dict | None = None, counters: dict | None = None) -> SaveResult:
         """Write checkpoint `epoch_<epoch>` (or `epoch_<epoch>_step_<step>` when `samples_in_epoch`
-        > 0: a mid-epoch stop) from every rank at once; returns after the commit on every rank.
+        > 0: a mid-epoch stop) from every rank at once; returns after the commit on every rank
+        (with async_save: after the snapshot, `background=True`; `seconds` is the time blocked).
 
         epoch: epochs completed; step: optimizer steps taken; samples_in_epoch: samples of the
         epoch in progress consumed by all ranks together (`EpochSampler.position_after`);
@@ -410,6 +436,12 @@ class Checkpointer:
         additive numbers (see the module doc)."""
         if self.model is None:
             raise ValueError("Checkpointer.save: no model to save (pass model=, or call track())")
+        if self.writer is not None and self.writer.busy:  # at most one save in flight
+            t0, previous, writing = time.perf_counter(), self.writer.name, self.writer.writing
+            self.wait()
+            if writing and self.rank == 0:
+                log.info("waited %.2fs for the previous save (%s) to commit before saving again",
+                         time.perf_counter() - t0, previous)
         adapter = adapter_for(self.model, self.optimizer)
         mid = samples_in_epoch > 0 or batch_in_epoch > 0
         name = layout.checkpoint_name(epoch, step if mid else None)
@@ -423,10 +455,21 @@ class Checkpointer:
                 files[layout.SCHEDULE] = self.scheduler.state_dict()
             if self.config is not None:
                 files[layout.CONFIG] = yaml.safe_dump(self.config, sort_keys=False).encode()
-        result = save(self.run_dir, name, adapter, files=files,
-                      rank_tensors={layout.rank_name(self.rank, f"{RNG}/{k}"): v for k, v in rng_tensors.items()},
-                      rank_state={RNG: rng_meta, COUNTERS: dict(counters or {})},
-                      info={**position, **describe(adapter)}, keep_last=self.keep_last)
+        group = self.writer.group if self.writer is not None else None
+        prepared = prepare(self.run_dir, name, adapter, files=files,
+                           rank_tensors={layout.rank_name(self.rank, f"{RNG}/{k}"): v for k, v in rng_tensors.items()},
+                           rank_state={RNG: rng_meta, COUNTERS: dict(counters or {})}, group=group)
+        info = {**position, **describe(adapter)}
+        if self.writer is None:
+            return self._committed(write(prepared, info=info, keep_last=self.keep_last))
+        self.writer.submit(prepared, info=info, keep_last=self.keep_last)
+        blocked = time.perf_counter() - prepared.started
+        if self.rank == 0:
+            log.info("snapshot of %s taken in %.2fs (%s MB per rank); writing in the background", name, blocked,
+                     "/".join(f"{b / 1e6:.1f}" for b in prepared.bytes_per_rank))
+        return SaveResult(prepared.atomic.final, prepared.bytes_per_rank, blocked, background=True)
+
+    def _committed(self, result: SaveResult) -> SaveResult:
         if self.rank == 0:
             log.info("saved %s in %.2fs: %s MB per rank", result.folder, result.seconds,
                      "/".join(f"{b / 1e6:.1f}" for b in result.bytes_per_rank))
@@ -435,12 +478,28 @@ class Checkpointer:
         self.last_saved = result.folder
         return result
 
+    def wait(self) -> SaveResult | None:
+        """Block until the save in flight (async_save) has committed; its result (None if none was in
+        flight). A failure of it is raised here, the same on every rank; the previous checkpoint stays."""
+        if self.writer is None:
+            return None
+        result = self.writer.wait()
+        return self._committed(result) if result is not None else None
+
+    def check(self) -> None:
+        """Raise a background save's failure now, on every rank at the same call (a local poll and one
+        tiny all-reduce when distributed). Loops inside `preemption()` get this from `stop()`."""
+        if self.writer is None:
+            return
+        if max_over_ranks([int(self.writer.failed())], collective_device())[0]:
+            self.wait()
+
     # -- preemption -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def preemption(self) -> Iterator[PreemptFlag]:
         """SIGTERM and SIGUSR1 (Slurm's warning) set a flag instead of killing the process; the loop
         asks `stop()` after each step (all ranks agree, by an all-reduce), saves, and returns."""
-        flag = PreemptFlag().install()
+        flag = PreemptFlag(*((self.writer.failed, self.wait) if self.writer is not None else ())).install()
         try:
             yield flag
         finally:

@@ -2,7 +2,10 @@
 
     result = save(run_dir, "epoch_000004", adapter, files={...}, rank_tensors={...}, rank_state={...})
 
-On every rank together (collectives are the default process group's, if there is one):
+It is two halves, `prepare` (steps 1-2, and everything small captured) and `write` (steps 3-5),
+so that the asynchronous save (async_save.py) runs the same writer and commit from a background
+thread on a snapshot of the pieces: one owner of the format. On every rank together
+(collectives are `group`'s: the default process group's unless one is given):
 
 1. rank 0 opens the temp folder; every rank sends the bytes it holds alone and a digest of its
    replicated holdings (one all_gather_object of small metadata; it also orders the folder's
@@ -19,7 +22,7 @@ On every rank together (collectives are the default process group's, if there is
    and the manifest (the commit), renames, rotates, and tells every rank the outcome.
 
 No rank gathers or copies a tensor; a rank's extra memory is the staging buffer for device
-tensors (`shard_writer.STAGING_BYTES`) and the metadata.
+tensors (`shard_writer.STAGING_BYTES`) and the metadata (an asynchronous save adds its snapshot).
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ from graft._logging import get_logger
 from graft.checkpointing import faults, layout
 from graft.checkpointing.atomic import AtomicCheckpoint, clean_leftovers, rotate
 from graft.checkpointing.layout import FileEntry, Piece, TensorEntry
-from graft.checkpointing.shard_writer import STAGING_BYTES, Written, write_bytes, write_shard
+from graft.checkpointing.shard_writer import STAGING_BYTES, write_bytes, write_shard
 from graft.checkpointing.slices import Holding, StateAdapter, whole
 from graft.errors import GraftError
 
 log = get_logger(__name__)
 
 
-# -- collectives (the default group; trivial in one process) ----------------------------
+# -- collectives (the default group unless one is given; trivial in one process) ---------
 
 def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -53,22 +56,22 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_gather(obj: Any) -> list:
+def all_gather(obj: Any, group=None) -> list:
     rank, world = rank_world()
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
+def broadcast(obj: Any, group=None) -> Any:
+    """Rank 0's `obj` on every rank (`group` spans every rank, so global rank 0 is its source)."""
     _, world = rank_world()
     if world == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -121,7 +124,39 @@ class SaveResult:
     folder: Path
     bytes_per_rank: list[int]
     seconds: float
+    """Start to commit; for a save still in the background: the time training was blocked."""
     deleted: list[str] = field(default_factory=list)
+    background: bool = False
+    """True while the files are still being written (asynchronous save: not committed yet)."""
+
+
+@dataclass
+class Prepared:
+    """One rank's part of checkpoint `name`, agreed by every rank (`prepare`), and everything small
+    captured at that moment, so `write` may run later, from another thread, and save this moment."""
+
+    run_dir: Path
+    atomic: AtomicCheckpoint
+    rank: int
+    world: int
+    pieces: list[Holding]
+    """What this rank writes: its own holdings, then its share of the replicated bytes (views)."""
+    tensors: dict[str, tuple[list[int], str]]
+    """Every logical tensor this rank holds any of: name -> (shape, dtype name)."""
+    state: dict
+    """This rank's JSON state (state.json "ranks"), a copy."""
+    files: dict[str, bytes]
+    """Rank 0: the small files, serialised."""
+    adapter_state: dict | None
+    """Rank 0: `adapter.extra_state()` (state.json "adapter"), a copy."""
+    kind: str
+    bytes_per_rank: list[int]
+    """Tensor bytes each rank writes (own + share of the replicated)."""
+    started: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.pieces)
 
 
 def _failure(e: BaseException, rank: int) -> dict:
@@ -132,7 +167,7 @@ def _failure(e: BaseException, rank: int) -> dict:
 
 
 def _agreed(run_dir: Path, atomic: AtomicCheckpoint, failure: dict, own: BaseException | None,
-            rank: int) -> BaseException:
+            rank: int, group=None) -> BaseException:
     """The error every rank raises when any rank failed (every rank is here): rank 0 removes the
     temp folder and words it; a fault the user can fix (disk full, read-only...) is the same one-line
     `graft.StorageError` on every rank, anything else stays each rank's own exception."""
@@ -142,7 +177,7 @@ def _agreed(run_dir: Path, atomic: AtomicCheckpoint, failure: dict, own: BaseExc
             mine = faults.save_failed(run_dir, atomic.tmp, failure, remove=True,
                                       own=own if isinstance(own, OSError) else None)
         atomic.abandon()
-    shared = broadcast(mine if isinstance(mine, GraftError) else None)
+    shared = broadcast(mine if isinstance(mine, GraftError) else None, group)
     if shared is not None:
         return mine if rank == 0 else shared
     if own is not None:
@@ -154,9 +189,16 @@ def _agreed(run_dir: Path, atomic: AtomicCheckpoint, failure: dict, own: BaseExc
                         f"{failure['type']}: {failure['strerror']}")
 
 
+def _copy_json(obj: Any) -> Any:
+    """A deep copy through JSON (what state.json will hold anyway): live lists of a scheduler or
+    param group may change after the save point, this may not."""
+    return json.loads(json.dumps(obj))
+
+
 def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[str, Any] | None = None,
          rank_tensors: dict[str, torch.Tensor] | None = None, rank_state: dict | None = None,
-         info: dict | None = None, keep_last: int | None = None, staging_bytes: int = STAGING_BYTES) -> SaveResult:
+         info: dict | None = None, keep_last: int | None = None, staging_bytes: int = STAGING_BYTES,
+         group=None) -> SaveResult:
     """Write checkpoint `name` of `run_dir` from every rank at once; returns on every rank after the commit.
 
     files: rank 0 only; relative name -> JSON-able object (written as JSON) or bytes (as is).
@@ -164,6 +206,16 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
     rank_state: this rank's JSON-able private state (RNG metadata, counters); state.json keeps
     every rank's under "ranks", and rank 0's `adapter.extra_state()` under "adapter".
     """
+    prepared = prepare(run_dir, name, adapter, files=files, rank_tensors=rank_tensors, rank_state=rank_state,
+                       group=group)
+    return write(prepared, info=info, keep_last=keep_last, staging_bytes=staging_bytes, group=group)
+
+
+def prepare(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[str, Any] | None = None,
+            rank_tensors: dict[str, torch.Tensor] | None = None, rank_state: dict | None = None,
+            group=None) -> Prepared:
+    """Steps 1-2 on every rank: open the temp folder, agree who writes which bytes; capture the
+    small state (copies). The pieces stay views of live memory."""
     started = time.perf_counter()
     rank, world = rank_world()
     atomic = AtomicCheckpoint(run_dir, name)
@@ -180,58 +232,69 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
             atomic.begin()
         except OSError as e:
             began = _failure(e, 0)
-    meta = all_gather((sum(h.nbytes for h in own), _signature(rep), began))
+    meta = all_gather((sum(h.nbytes for h in own), _signature(rep), began), group)
     if meta[0][2] is not None:
-        raise _agreed(Path(run_dir), atomic, meta[0][2], None, rank)
+        raise _agreed(Path(run_dir), atomic, meta[0][2], None, rank, group)
     if len({m[1] for m in meta}) != 1:
         raise RuntimeError("the ranks hold different replicated tensors (names, shapes or dtypes differ): "
                            "every rank must build the same model and optimizer")
-    mine = [h for h in own if h.numel] + share(rep, quotas([m[0] for m in meta], sum(h.nbytes for h in rep)), rank)
+    quota = quotas([m[0] for m in meta], sum(h.nbytes for h in rep))
+    mine = [h for h in own if h.numel] + share(rep, quota, rank)
+    serialised = {rel: obj if isinstance(obj, bytes) else json.dumps(obj, indent=1).encode()
+                  for rel, obj in (files or {}).items()} if rank == 0 else {}
+    return Prepared(
+        run_dir=Path(run_dir), atomic=atomic, rank=rank, world=world, pieces=mine,
+        tensors={h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in [*holdings, *own]},
+        state=_copy_json(rank_state), files=serialised,
+        adapter_state=_copy_json(adapter.extra_state()) if rank == 0 else None, kind=adapter.kind,
+        bytes_per_rank=[m[0] + q for m, q in zip(meta, quota)], started=started)
 
+
+def write(p: Prepared, *, info: dict | None = None, keep_last: int | None = None,
+          staging_bytes: int = STAGING_BYTES, group=None, data: Sequence[torch.Tensor] | None = None) -> SaveResult:
+    """Steps 3-5 on every rank: write this rank's shard (from `data`, a snapshot of `p.pieces` in
+    the same order, or from the live views), gather the records, commit on rank 0, agree."""
+    rank = p.rank
     shard = layout.shard_file(rank)
     record, error, err_obj = None, None, None
     try:
-        items = [(layout.piece_key(h.name, h.start, h.stop), h.local) for h in mine]
-        written = write_shard(atomic.tmp / shard, items, {"format": "graft-shard", "rank": rank},
+        sources = [h.local for h in p.pieces] if data is None else data
+        items = [(layout.piece_key(h.name, h.start, h.stop), t) for h, t in zip(p.pieces, sources, strict=True)]
+        written = write_shard(p.atomic.tmp / shard, items, {"format": "graft-shard", "rank": rank},
                               staging_bytes=staging_bytes)
-        extra: dict[str, Written] = {}
-        if rank == 0:
-            for rel, obj in (files or {}).items():
-                data = obj if isinstance(obj, bytes) else json.dumps(obj, indent=1).encode()
-                extra[rel] = write_bytes(atomic.tmp / rel, data)
+        extra = {rel: write_bytes(p.atomic.tmp / rel, raw) for rel, raw in p.files.items()}
         record = {
             "file": shard, "size": written.size, "hash": written.hash, "algo": written.algo,
-            "pieces": [(h.name, written.offsets[k], h.start, h.stop) for (k, _), h in zip(items, mine)],
-            "tensors": {h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in holdings}
-            | {h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in own},
+            "pieces": [(h.name, written.offsets[k], h.start, h.stop) for (k, _), h in zip(items, p.pieces)],
+            "tensors": p.tensors,
             "extra": {rel: (w.size, w.hash, w.algo) for rel, w in extra.items()},
-            "state": rank_state,
+            "state": p.state,
         }
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is re-raised
         error, err_obj = _failure(e, rank), e
     # Every rank learns whether any rank failed to write, so all stop with the same error
     # (instead of the others waiting for a rank that is gone).
-    records = all_gather(record if error is None else {"failed": error})
+    records = all_gather(record if error is None else {"failed": error}, group)
     failed = [r["failed"] for r in records if "failed" in r]
     if failed:
-        raise _agreed(Path(run_dir), atomic, failed[0], err_obj, rank)
+        raise _agreed(p.run_dir, p.atomic, failed[0], err_obj, rank, group)
 
     outcome: Any = None
     if rank == 0:
         try:
-            outcome = _commit(atomic, records, adapter, world, info or {}, keep_last)
+            outcome = _commit(p, records, info or {}, keep_last)
         except Exception as e:  # noqa: BLE001 - every rank hears of it below
             outcome = {"failed": _failure(e, 0)}
             err_obj = e
-    outcome = broadcast(outcome)
+    outcome = broadcast(outcome, group)
     if isinstance(outcome, dict) and "failed" in outcome:
-        raise _agreed(Path(run_dir), atomic, outcome["failed"], err_obj, rank)
+        raise _agreed(p.run_dir, p.atomic, outcome["failed"], err_obj, rank, group)
     sizes = [r["size"] + sum(s for s, _, _ in r["extra"].values()) for r in records]
-    return SaveResult(atomic.final, sizes, time.perf_counter() - started, outcome or [])
+    return SaveResult(p.atomic.final, sizes, time.perf_counter() - p.started, outcome or [])
 
 
-def _commit(atomic: AtomicCheckpoint, records: list[dict], adapter: StateAdapter, world: int, info: dict,
-            keep_last: int | None) -> list[str]:
+def _commit(p: Prepared, records: list[dict], info: dict, keep_last: int | None) -> list[str]:
+    atomic, world = p.atomic, p.world
     tensors: dict[str, TensorEntry] = {}
     for r in records:
         for tname, (shape, dtype) in r["tensors"].items():
@@ -247,13 +310,13 @@ def _commit(atomic: AtomicCheckpoint, records: list[dict], adapter: StateAdapter
         why = entry.gaps()
         if why is not None:  # an adapter bug: never commit a checkpoint that cannot be restored
             raise RuntimeError(f"{tname}: the saved pieces do not cover it exactly: {why}")
-    state = {"adapter": adapter.extra_state(), "ranks": [r["state"] for r in records]}
+    state = {"adapter": p.adapter_state, "ranks": [r["state"] for r in records]}
     state_file = write_bytes(atomic.tmp / layout.STATE, json.dumps(state, indent=1).encode())
     files = {r["file"]: FileEntry(r["size"], r["hash"], r["algo"], rank) for rank, r in enumerate(records)}
     for rel, (size, digest, algo) in records[0]["extra"].items():
         files[rel] = FileEntry(size, digest, algo)
     files[layout.STATE] = FileEntry(state_file.size, state_file.hash, state_file.algo)
-    manifest = layout.manifest_json(files, tensors, world_size=world, strategy=adapter.kind, info=info)
+    manifest = layout.manifest_json(files, tensors, world_size=world, strategy=p.kind, info=info)
     final = atomic.commit(manifest)
     deleted = rotate(atomic.root.parent, keep_last, final)
     total = sum(f.size for f in files.values())
@@ -261,4 +324,5 @@ def _commit(atomic: AtomicCheckpoint, records: list[dict], adapter: StateAdapter
     return deleted
 
 
-__all__ = ["SaveResult", "all_gather", "broadcast", "clean_leftovers", "quotas", "save", "share"]
+__all__ = ["Prepared", "SaveResult", "all_gather", "broadcast", "clean_leftovers", "prepare", "quotas", "save",
+           "share", "write"]

@@ -110,7 +110,7 @@ class Trainer:
                               "world_size": self.strategy.world, "resumed_from": None, "extension": None}
         # The trainer saves and resumes through the same public API as a user's own loop.
         self.ckpt = Checkpointer(self.run_dir, keep_last=cfg.train.keep_last, config=cfg.to_dict(),
-                                 seed=cfg.train.seed)
+                                 seed=cfg.train.seed, async_save=cfg.train.async_save)
         try:
             self.point = self.ckpt.find(resume, required=True)
             if self.point is not None:
@@ -124,7 +124,7 @@ class Trainer:
         return self.ckpt.last_saved
 
     def close(self) -> None:
-        """Release the run folder (rank 0's lock). Idempotent."""
+        """Wait for a background save to commit, release the run folder (rank 0's lock). Idempotent."""
         self.ckpt.close()
 
     # -- setup -------------------------------------------------------------------------
@@ -207,7 +207,8 @@ class Trainer:
 
     # -- save --------------------------------------------------------------------------
     def save(self, mid_epoch: bool) -> Path:
-        """Every rank writes what it holds (no gather); rank 0 commits the manifest, then rotates."""
+        """Every rank writes what it holds (no gather); rank 0 commits the manifest, then rotates
+        (with train.async_save: in the background; `seconds` is then the time training was blocked)."""
         st = self.state
         assert mid_epoch == (st.batch_in_epoch > 0), (mid_epoch, st.batch_in_epoch)
         result = self.ckpt.save(epoch=st.epoch, step=st.step, batch_in_epoch=st.batch_in_epoch,
@@ -215,7 +216,8 @@ class Trainer:
                                 extra={"frozen": list(st.frozen), "resumes": list(st.resumes),
                                        "steps_per_epoch": self.steps_per_epoch})
         self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=result.folder.name,
-                           seconds=round(result.seconds, 3), bytes_per_rank=result.bytes_per_rank)
+                           seconds=round(result.seconds, 3), bytes_per_rank=result.bytes_per_rank,
+                           background=result.background)
         return result.folder
 
     # -- train / evaluate --------------------------------------------------------------
@@ -322,6 +324,9 @@ class Trainer:
                     log.info("train.session_epochs=%d reached: stopping at epoch %d of %d (continue with "
                              "--resume auto)", cfg.train.session_epochs, st.epoch, cfg.train.epochs)
                     break
+            # The end of training, or a preemption: the last checkpoint is committed before the
+            # run reports it (and, preempted, before the process exits 0).
+            self.ckpt.wait()
         if val_acc is None and not preempted:  # nothing left to train (already finished)
             val_acc, val_loss = self.evaluate()
         self.metrics.close()
