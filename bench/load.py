@@ -59,7 +59,7 @@ import time
 import traceback
 from pathlib import Path
 
-from procstats import PeakRss, drop_cache, read_bytes, status_kb, warm_cache
+from procstats import PeakRss, drop_cache, read_bytes, run_in_child, status_kb, warm_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -421,15 +421,6 @@ def measure(spec: dict) -> dict:
     }
 
 
-def child(spec: dict, conn) -> None:
-    try:
-        result = measure(spec)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        result = {"error": traceback.format_exc()}
-    conn.send(result)
-    conn.close()
-
-
 def spawn_main() -> None:
     """--child mode for --spawn: the spec on stdin, the result as JSON on stdout."""
     spec = json.loads(sys.stdin.read())
@@ -453,23 +444,7 @@ def run_child(spec: dict, use_spawn: bool, mpctx, timeout: float) -> dict:
             if line.startswith("RESULT "):
                 return json.loads(line[7:])
         return {"error": f"exit {p.returncode}: {p.stderr[-2000:]}"}
-    recv, send = mpctx.Pipe(duplex=False)
-    proc = mpctx.Process(target=child, args=(spec, send))
-    proc.start()
-    send.close()
-    result = None
-    if recv.poll(timeout):
-        try:
-            result = recv.recv()
-        except EOFError:
-            pass
-    proc.join(10)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if result is None:
-        result = {"error": f"child died (exit code {proc.exitcode}) or timed out"}
-    return result
+    return run_in_child(measure, spec, mpctx, timeout)
 
 
 def fmt_mb(b: float) -> str:

@@ -101,6 +101,37 @@ def warm_cache(files) -> None:
                 pass
 
 
+def _child(fn, spec: dict, conn) -> None:
+    import traceback
+
+    try:
+        result = fn(spec)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result = {"error": traceback.format_exc()}
+    conn.send(result)
+    conn.close()
+
+
+def run_in_child(fn, spec: dict, mpctx, timeout: float = 900) -> dict:
+    """`fn(spec)` (a module-level function returning a dict) in a fresh process of `mpctx`;
+    its result, or {"error": traceback} when it raised, died or ran past `timeout`."""
+    recv, send = mpctx.Pipe(duplex=False)
+    proc = mpctx.Process(target=_child, args=(fn, spec, send))
+    proc.start()
+    send.close()
+    result = None
+    if recv.poll(timeout):
+        try:
+            result = recv.recv()
+        except EOFError:
+            pass
+    proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    return result if result is not None else {"error": f"child died (exit code {proc.exitcode}) or timed out"}
+
+
 def launch_workers(script: str, settings: dict, nproc: int = 2, repo: str | None = None) -> None:
     """`torchrun --nproc_per_node N script` on a free local port, the worker's settings in the
     environment (GRAFT_BENCH_WORKER, JSON): torchrun's own parser would take abbreviations of

@@ -8,6 +8,7 @@
 """
 
 from graft.checkpointing.checkpointer import Checkpointer, ResumePoint, Start, lr_lambda_for_extension
+from graft.conversion import convert
 from graft.errors import CheckpointError, ConfigError, GraftError, PlanError, RunDirError, RunDirLocked, StorageError
 from graft.freezing import (
     freeze,
@@ -30,6 +31,7 @@ __all__ = [
     "open",
     "plan",
     "load",
+    "convert",
     "freeze",
     "unfreeze",
     "trainable_parameters",

@@ -1,4 +1,4 @@
-"""The `graft` command: inspect a checkpoint, dry-run a load against a model, train, resume."""
+"""The `graft` command: inspect a checkpoint, dry-run a load against a model, convert, train, resume."""
 
 from __future__ import annotations
 
@@ -124,6 +124,20 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import graft
+
+    report = graft.convert(
+        args.path, args.dst, to=args.to, include=args.include or (), exclude=args.exclude or (),
+        rename=_rename(args.rename), strip_prefix=args.strip_prefix, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, dcp_key=args.dcp_key, force=args.force, dry_run=args.dry_run,
+        buffer_mb=args.buffer_mb,
+        progress=not args.json, format=args.format, container=args.container,
+        allow_globals=args.allow_global or (), tag=args.tag, model_index=args.model_index)
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-mismatch", choices=["skip", "error", "copy-overlap"], default="skip")
     p.add_argument("--min-coverage", type=float, help="exit 1 when the loaded share of parameters is below this (0-1)")
     p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("convert", help="rewrite a checkpoint as safetensors, HF shards, DCP or a .pth, streamed")
+    _add_open_options(p)
+    p.add_argument("dst", help="output file (safetensors, torch) or folder (hf, dcp)")
+    p.add_argument("--to", required=True, choices=["safetensors", "hf", "dcp", "torch"], help="the target format")
+    p.add_argument("--rename", action="append", metavar="REGEX=REPL", help="rename rule, applied in order")
+    p.add_argument("--include", action="append", metavar="GLOB", help="write only keys matching (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="never write keys matching (repeatable)")
+    # A flag, not an optional value: `--strip-prefix SRC DST` must not take SRC as a prefix.
+    # Any other prefix goes with --rename '^prefix\.='.
+    p.add_argument("--strip-prefix", action="store_true",
+                   help="strip the wrapper prefixes every key has (module., _orig_mod., model.) and torch.compile's")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating-point tensors (others kept)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf: the most bytes per shard (default 5GB)")
+    p.add_argument("--dcp-key", help="dcp: nest the keys under this name (e.g. model); default top level")
+    p.add_argument("--force", action="store_true", help="replace an existing DST (only once the new one is complete)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be written; write nothing")
+    p.add_argument("--buffer-mb", type=float, default=64, help="read buffer (grown to the largest tensor)")
+    p.set_defaults(func=cmd_convert)
 
     for register in _extra_commands():
         register(sub)

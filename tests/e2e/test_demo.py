@@ -21,7 +21,7 @@ def test_demo_quick(tmp_path):
     text = proc.stdout
     # the launcher printed what it ran, for the first run and for the resume
     assert re.search(r"^\$ .*accelerate.* launch .*-m graft\.train --config configs/digits_base\.yaml", text, re.M)
-    assert re.search(r"^\$ .*train\.py --config \S+/graft/config\.yaml --resume auto .*train\.epochs=4", text, re.M)
+    assert re.search(r"^\$ .*-m graft\.train --config \S+/graft/config\.yaml --resume auto .*train\.epochs=4", text, re.M)
     # the dry-run plan and the load report, with the new parts and the frozen ones
     assert "rnn3.0.weight" in text and "excluded by 'classifier.6.*'" in text
     assert re.search(r"frozen\s+20", text)

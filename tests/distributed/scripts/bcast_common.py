@@ -105,9 +105,10 @@ def write_checkpoints(folder: Path) -> Path:
 
     vgg.safetensors; vgg.pth (DDP `module.` prefix, under "state_dict", with an epoch);
     sharded/ (a Hugging Face index over two shards); corrupt/ (the same, second shard cut
-    short); unsafe.pth (pickles an argparse.Namespace, which weights_only refuses).
+    short); unsafe.pth (pickles a fractions.Fraction, a global weights_only refuses and graft does
+    not stand in for unasked).
     """
-    import argparse
+    from fractions import Fraction
 
     from safetensors.torch import save_file
 
@@ -116,7 +117,7 @@ def write_checkpoints(folder: Path) -> Path:
     sd = expected_state()
     save_file(sd, folder / "vgg.safetensors")
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 5}, folder / "vgg.pth")
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, folder / "unsafe.pth")
+    torch.save({"state_dict": sd, "lr": Fraction(1, 10)}, folder / "unsafe.pth")
     keys = list(sd)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
