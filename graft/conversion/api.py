@@ -50,7 +50,7 @@ def convert(
 
     Keys are chosen and named with the loading core's rules (rename, strip_prefix,
     include/exclude); `dtype` ("bf16", "fp16", "fp32") casts floating-point tensors only.
-    Memory stays bounded: one read buffer of max(buffer_mb, the largest tensor) plus a
+    Memory stays bounded: one read buffer of the largest tensor + buffer_mb plus a
     16 MiB cast buffer, whatever the model's size. The output appears at `dst` only when
     complete (temporary name, fsync, rename); an existing `dst` is refused unless `force`.
     `dry_run` writes nothing and returns the report of what would be written.

@@ -1,6 +1,6 @@
 """Read the selected tensors through one reusable buffer, as byte chunks ready to write.
 
-Memory is bounded by construction: one arena of `max(buffer_bytes, largest tensor)` is
+Memory is bounded by construction: one arena of `largest tensor + buffer_bytes` is
 allocated once and used as a ring. A reader thread fills it with batches of consecutive
 tensors (one `read_into` per batch, so a reader groups its file I/O) while the writer
 drains earlier ones, so reading the source overlaps writing the output; a batch waits for
@@ -83,8 +83,10 @@ class TensorStream:
                  on_bytes: Callable[[int], None] | None = None):
         self.ckpt = ckpt
         sizes = [_aligned(t.source_nbytes) for t in tensors]
-        # Never more than the whole selection needs, never less than its largest tensor.
-        self.capacity = max(min(_aligned(buffer_bytes), sum(sizes)), max(sizes, default=0))
+        # The largest tensor plus one buffer (never more than the whole selection): with only the
+        # largest tensor's room, reading the next tensor would wait for the current one's write,
+        # and reading and writing would take turns instead of overlapping.
+        self.capacity = min(max(sizes, default=0) + _aligned(buffer_bytes), sum(sizes))
         casts = [t for t in tensors if t.cast]
         self.cast_capacity = min(CAST_CHUNK_BYTES, max((t.nbytes for t in casts), default=0))
         self.on_bytes = on_bytes

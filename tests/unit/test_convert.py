@@ -163,12 +163,12 @@ def test_collision_is_refused(ddp_pth, tmp_path):
 def test_bounded_buffer_many_batches(ddp_pth, tmp_path):
     """A buffer smaller than the model: batches of tensors through one allocation, still exact."""
     largest = max(v.nbytes for v in source_state().values())
-    # 1 KiB: grown to the largest tensor, one tensor at a time; 5 KiB: between the largest
-    # tensor and the model, so the ring wraps while the reader runs ahead of the writer.
+    # The arena is the largest tensor plus the buffer: with 1 KiB smaller than the model, so
+    # the ring wraps while the reader runs ahead of the writer; with 5 KiB the whole model.
     for i, buffer_mb in enumerate((1 / 1024, 5 / 1024)):
         dst = tmp_path / f"small{i}.safetensors"
         report = convert(ddp_pth, dst, "safetensors", strip_prefix=True, buffer_mb=buffer_mb)
-        assert report.buffer_bytes <= max(largest, buffer_mb * 2**20) + 64
+        assert report.buffer_bytes <= largest + buffer_mb * 2**20 + 128
         assert_bitwise(read_back(dst, "safetensors"), source_state())
     with graft.open(ddp_pth) as ckpt:
         sel = graft.conversion.select.select(ckpt)
