@@ -6,19 +6,14 @@ Every launch has a hard timeout, so a hang fails the test instead of the whole C
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from graft.launch.commands import free_port  # noqa: F401 - one helper for the launcher and the tests
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ import torch
 import launch
 from launch import BIN, free_port, torchrun
 
+pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from bcast_common import write_checkpoints  # noqa: E402

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from launch import BIN, free_port, run, torchrun
 
+pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 from bcast_common import write_checkpoints  # noqa: E402
