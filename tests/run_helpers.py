@@ -119,3 +119,29 @@ def assert_elastic_check(r: dict, world: int, strategy: str) -> None:
     before, after = r["losses_before"], r["losses_after"]
     assert sorted(after) == ["3", "4"]
     assert after["4"] < after["3"] < before["2"], (before, after)
+
+
+def run_and_sigterm(cmd: list[str], ready, *, poll: float, timeout: float = 240) -> str:
+    """Start `cmd` (from the repository, the tests' child environment, this process's thread count),
+    send it SIGTERM once `ready()` holds, and return its output; it must exit 0 saying it was preempted."""
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    import launch
+
+    env = launch.child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.Popen(cmd, env=env, cwd=launch.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(poll)
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output
+    assert "preempted" in output
+    return output

@@ -19,7 +19,7 @@ import torch
 
 from graft.errors import PlanError
 from graft.loading.formats.base import Checkpoint, TensorMeta
-from graft.loading.plan import _COMPILED, WRAPPER_PREFIXES, _apply_renames, _matches, _strip
+from graft.loading.plan import COMPILED_PREFIX, WRAPPER_PREFIXES, apply_renames, first_match, without_prefix
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -87,15 +87,15 @@ def _strip_prefixes(names: dict[str, str], strip: bool | str | Sequence[str], ru
     if strip is False or strip is None:
         return names
     if strip is True:
-        compiled = sum(bool(_COMPILED.search(v)) for v in names.values())
-        names = {k: _COMPILED.sub(r"\1", v) for k, v in names.items()}
+        compiled = sum(bool(COMPILED_PREFIX.search(v)) for v in names.values())
+        names = {k: COMPILED_PREFIX.sub(r"\1", v) for k, v in names.items()}
         if compiled:
             rules.append(f"stripped '_orig_mod.' (torch.compile) from {compiled} keys")
         prefixes = [p for p in WRAPPER_PREFIXES if names and all(v.startswith(p) for v in names.values())]
     else:
         prefixes = [strip] if isinstance(strip, str) else list(strip)
     for prefix in prefixes:
-        stripped = {k: _strip(v, prefix) for k, v in names.items()}
+        stripped = {k: without_prefix(v, prefix) for k, v in names.items()}
         n = sum(stripped[k] != names[k] for k in names)
         if n:
             rules.append(f"stripped wrapper prefix {prefix!r} from {n} keys")
@@ -117,15 +117,15 @@ def select(
         raise TypeError("include/exclude take a list of glob patterns, e.g. exclude=['optimizer.*']")
     target = resolve_dtype(dtype)
     rules: list[str] = []
-    names = _apply_renames(ckpt.keys(), [tuple(r) for r in rename], rules)
+    names = apply_renames(ckpt.keys(), [tuple(r) for r in rename], rules)
     names = _strip_prefixes(names, strip_prefix, rules)
 
     tensors, dropped, seen = [], {}, {}
     for key, name in names.items():
-        if (pattern := _matches(exclude, name, key)) is not None:
+        if (pattern := first_match(exclude, name, key)) is not None:
             dropped[key] = f"excluded by {pattern!r}"
             continue
-        if include and _matches(include, name, key) is None:
+        if include and first_match(include, name, key) is None:
             dropped[key] = "not matched by include"
             continue
         if name in seen:

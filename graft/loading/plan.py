@@ -28,7 +28,7 @@ from graft.loading.formats.base import Checkpoint
 OnMismatch = Literal["skip", "error", "copy-overlap"]
 ON_MISMATCH = ("skip", "error", "copy-overlap")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-_COMPILED = re.compile(r"(^|\.)_orig_mod\.")
+COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
 
 
 @dataclass
@@ -162,13 +162,13 @@ def model_tensors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, bool]
     return {k: (v, id(v) in params) for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def _strip(key: str, prefix: str) -> str:
+def without_prefix(key: str, prefix: str) -> str:
     while key.startswith(prefix):
         key = key[len(prefix):]
     return key
 
 
-def _apply_renames(keys: Iterable[str], rename: Sequence[tuple[str, str]], rules: list[str]) -> dict[str, str]:
+def apply_renames(keys: Iterable[str], rename: Sequence[tuple[str, str]], rules: list[str]) -> dict[str, str]:
     compiled = [(re.compile(p), r, p) for p, r in rename]
     fired: Counter = Counter()
     out = {}
@@ -193,7 +193,7 @@ def _score(a: dict[str, str], b: dict[str, str]) -> int:
 def _strip_leading(names: dict[str, str], prefix: str, repeat: bool) -> dict[str, str] | None:
     """`names` with `prefix` stripped where it leads (repeatedly for wrappers); None if two
     keys would collapse into one."""
-    stripped = {k: (_strip(v, prefix) if repeat else v.removeprefix(prefix)) for k, v in names.items()}
+    stripped = {k: (without_prefix(v, prefix) if repeat else v.removeprefix(prefix)) for k, v in names.items()}
     return stripped if len(set(stripped.values())) == len(stripped) else None
 
 
@@ -298,7 +298,7 @@ def insert_segment(ckpt_names: dict[str, str], model_names: dict[str, str], segm
     return out
 
 
-def _matches(patterns: Sequence[str], *names: str | None) -> str | None:
+def first_match(patterns: Sequence[str], *names: str | None) -> str | None:
     for pattern in patterns:
         if any(n is not None and fnmatch.fnmatchcase(n, pattern) for n in names):
             return pattern
@@ -338,11 +338,11 @@ def plan(
     rules: list[str] = []
     suggestions: list[str] = []
 
-    ckpt_names = _apply_renames(ckpt.keys(), rename, rules)
+    ckpt_names = apply_renames(ckpt.keys(), rename, rules)
     if strip_prefixes:
-        compiled = [k for k, v in ckpt_names.items() if _COMPILED.search(v)]
-        ckpt_names = {k: _COMPILED.sub(r"\1", v) for k, v in ckpt_names.items()}
-        model_names = {k: _COMPILED.sub(r"\1", k) for k in tensors}
+        compiled = [k for k, v in ckpt_names.items() if COMPILED_PREFIX.search(v)]
+        ckpt_names = {k: COMPILED_PREFIX.sub(r"\1", v) for k, v in ckpt_names.items()}
+        model_names = {k: COMPILED_PREFIX.sub(r"\1", k) for k in tensors}
         if compiled:
             rules.append(f"stripped '_orig_mod.' (torch.compile) from {len(compiled)} checkpoint keys")
         if any(k != v for k, v in model_names.items()):
@@ -379,10 +379,10 @@ def plan(
             continue
         ck = cks[0]
         entry.ckpt_key = ck
-        if (pattern := _matches(exclude, target, mk, ck)) is not None:
+        if (pattern := first_match(exclude, target, mk, ck)) is not None:
             entry.reason = f"excluded by {pattern!r}"
             continue
-        if include and _matches(include, target, mk, ck) is None:
+        if include and first_match(include, target, mk, ck) is None:
             entry.reason = "not matched by include"
             continue
         meta = ckpt.meta(ck)

@@ -8,10 +8,7 @@ The 2-process cases are in tests/distributed/test_async_save.py; faults in test_
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -20,9 +17,8 @@ import graft
 from graft.checkpointing import layout
 from graft.checkpointing.restore import read_logical
 from graft.trainer import run
-import launch
 from launch import REPO
-from run_helpers import events, state_differences, step_lines, tiny_config, tiny_overrides
+from run_helpers import events, run_and_sigterm, state_differences, step_lines, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.e2e
 ASYNC = "train.async_save=true"
@@ -119,18 +115,9 @@ def test_sigterm_during_a_background_write_then_resume_equals_never_stopped(tmp_
     run(tiny_config(ref, *extra))  # synchronous, never stopped
     out = tmp_path / "stopped"
     cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(out, *extra, ASYNC)]
-    env = launch.child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and '"save"' in metrics.read_text():  # the save event of epoch 1
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.002)
-    output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, output
-    assert "preempted" in output
+    # SIGTERM right after the save event of epoch 1, while its files are still being written.
+    output = run_and_sigterm(cmd, lambda: metrics.exists() and '"save"' in metrics.read_text(), poll=0.002)
     # The stop's save came while epoch 1 was still being written: it waited for that commit first.
     assert "for the previous save (epoch_000001) to commit" in output, output
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -22,9 +21,8 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.trainer import run
-import launch
 from launch import REPO
-from run_helpers import events, state_differences, step_lines, tiny_config, tiny_overrides
+from run_helpers import events, run_and_sigterm, state_differences, step_lines, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -115,18 +113,9 @@ def test_sigterm_mid_epoch_then_resume_equals_never_stopped(tmp_path):
     out = tmp_path / "stopped"
     cmd = [sys.executable, str(REPO / "train.py"), *tiny_overrides(out, *extra)]
     # The same thread count as this process: float reductions split by threads differ bit-wise.
-    env = launch.child_env(OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum(1 for _ in metrics.open()) >= 4:  # step 4 of 20 in epoch 1
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, output
-    assert "preempted" in output
+    # SIGTERM at step 4 of 20 in epoch 1.
+    run_and_sigterm(cmd, lambda: metrics.exists() and sum(1 for _ in metrics.open()) >= 4, poll=0.02)
     saved = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(saved) == 1 and "_step_" in saved[0], saved  # mid-epoch: epoch_000000_step_0000NN
     state = json.loads((out / "checkpoints" / saved[0] / "train_state.json").read_text())
