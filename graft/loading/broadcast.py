@@ -518,7 +518,7 @@ def _nbytes(shape, dtype) -> int:
 
 def _planned(plan: LoadPlan) -> list[Entry]:
     """Entries whose bytes come from the checkpoint as whole tensors (the stream's first part)."""
-    return [e for e in plan.entries.values() if e.ckpt_key and not e.tied_to and e.action == "load"]
+    return [e for e in plan.entries.values() if e.reads_whole]
 
 
 def _read_order(plan: LoadPlan, ckpt: Checkpoint) -> list[str]:
@@ -610,8 +610,7 @@ def _open_and_plan(model, ckpt, open_fn, plan_kwargs, rank0_rules: bool):
         nonpersistent = _nonpersistent(model, tensors)
         if rank0_rules:
             _check_rank0_meta(plan, materialized, list(nonpersistent))
-        opened.validate(e.ckpt_key for e in plan.entries.values()
-                        if e.ckpt_key and not e.tied_to and (e.action == "load" or e.partial))
+        opened.validate(e.ckpt_key for e in plan.entries.values() if e.reads_bytes)
     except BaseException:
         if own:
             opened.close()

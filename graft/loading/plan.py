@@ -57,6 +57,16 @@ class Entry:
     def cast(self) -> bool:
         return self.ckpt_dtype is not None and self.ckpt_dtype != self.dtype
 
+    @property
+    def reads_whole(self) -> bool:
+        """The checkpoint's bytes fill this tensor in full (a tied key reads nothing itself)."""
+        return bool(self.ckpt_key) and not self.tied_to and self.action == "load"
+
+    @property
+    def reads_bytes(self) -> bool:
+        """Some of the checkpoint's bytes are read for this key: in full, or the overlap."""
+        return bool(self.ckpt_key) and not self.tied_to and (self.action == "load" or self.partial)
+
     def overlap(self) -> tuple[slice, ...]:
         return tuple(slice(0, min(a, b)) for a, b in zip(self.shape, self.ckpt_shape))
 
@@ -105,8 +115,7 @@ class LoadPlan:
     @property
     def used(self) -> dict[str, str]:
         """checkpoint key -> model key, for every checkpoint key something is copied from."""
-        return {e.ckpt_key: k for k, e in self.entries.items()
-                if e.ckpt_key and (e.action == "load" or e.partial) and not e.tied_to}
+        return {e.ckpt_key: k for k, e in self.entries.items() if e.reads_bytes}
 
     @property
     def coverage(self) -> float:
@@ -442,7 +451,6 @@ def plan(
     result = LoadPlan(str(ckpt.path), ckpt.format, ckpt.source, entries, unexpected, rules, on_mismatch,
                       info=ckpt.info(), suggestions=suggestions)
     result.bytes_to_read = sum(
-        ckpt.meta(e.ckpt_key).nbytes for e in entries.values()
-        if e.ckpt_key and not e.tied_to and (e.action == "load" or e.partial)
+        ckpt.meta(e.ckpt_key).nbytes for e in entries.values() if e.reads_bytes
     )
     return result

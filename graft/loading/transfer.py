@@ -55,7 +55,7 @@ def load_into(model: torch.nn.Module, plan: LoadPlan, ckpt: Checkpoint, *, show_
     start = time.perf_counter()
     before = ckpt.bytes_read
     tensors = model_tensors(model)
-    todo = [e for e in plan.entries.values() if e.ckpt_key and not e.tied_to and (e.action == "load" or e.partial)]
+    todo = [e for e in plan.entries.values() if e.reads_bytes]
     # All checks first: a bad shard must fail before the first parameter changes.
     ckpt.validate(e.ckpt_key for e in todo)
     on_meta = [k for k, (t, _) in tensors.items() if t.device.type == "meta"]
