@@ -123,7 +123,7 @@ def run_method(name, model, rank, st: Path, pt: Path, bucket_mb: float, buffers)
             dist.broadcast(bucket[: min(bucket.numel(), total - off)], src=0)
     elif name == "floor: read":
         if rank == 0:
-            from graft.loading.formats.base import writable_buffer
+            from graft.loading.formats.reading import writable_buffer
 
             view = writable_buffer(buffers[0])
             fd = os.open(st, os.O_RDONLY)

@@ -101,7 +101,7 @@ def fsync_all(path: Path) -> None:
 def write_floor(path: Path, tensors, rank: int, world: int, replicated: bool) -> None:
     """The floor: this rank's half of the bytes (replicated: a byte range of their concatenation;
     sharded: its own tensors), written straight from memory, fsynced."""
-    from graft.loading.formats.base import writable_buffer
+    from graft.loading.formats.reading import writable_buffer
 
     views = [writable_buffer(t.contiguous()) for t in tensors]
     total = sum(len(v) for v in views)
@@ -123,7 +123,7 @@ def write_floor(path: Path, tensors, rank: int, world: int, replicated: bool) ->
 
 
 def read_floor(files: list[Path], buf) -> None:
-    from graft.loading.formats.base import writable_buffer
+    from graft.loading.formats.reading import writable_buffer
 
     view = writable_buffer(buf)
     for f in files:

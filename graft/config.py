@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from graft.errors import ConfigError
+from graft.loading.plan import ON_MISMATCH
 
 
 @dataclass(kw_only=True)
@@ -55,8 +56,8 @@ class InitConfig:
     """null (train everything), 'loaded' (freeze exactly what was loaded), or a list of names/globs."""
 
     def __post_init__(self):
-        if self.on_mismatch not in ("skip", "error", "copy-overlap"):
-            raise ConfigError(f"init.on_mismatch={self.on_mismatch!r}; use skip, error or copy-overlap")
+        if self.on_mismatch not in ON_MISMATCH:
+            raise ConfigError(f"init.on_mismatch={self.on_mismatch!r}; use {', '.join(ON_MISMATCH[:-1])} or {ON_MISMATCH[-1]}")
         if not (self.freeze in (None, "loaded") or (isinstance(self.freeze, list)
                                                      and all(isinstance(x, str) for x in self.freeze))):
             raise ConfigError(f"init.freeze={self.freeze!r}; use null, 'loaded' or a list of names/globs")

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from typing import Iterable
 
 import torch
 
-_WRAPPERS = re.compile(r"^(module\.|_orig_mod\.)+|(?<=\.)_orig_mod\.")
-
-
-def _canonical(name: str) -> str:
-    """The name without DDP / torch.compile wrapper segments, so patterns work on wrapped models."""
-    return _WRAPPERS.sub("", name)
+from graft.loading.plan import without_wrappers
 
 
 def _select(model: torch.nn.Module, names_or_patterns: Iterable[str]) -> list[tuple[str, torch.nn.Parameter]]:
@@ -23,7 +17,7 @@ def _select(model: torch.nn.Module, names_or_patterns: Iterable[str]) -> list[tu
     exact = set(wanted)
     chosen = []
     for name, p in model.named_parameters():
-        canon = _canonical(name)
+        canon = without_wrappers(name)  # so patterns work on wrapped models
         if name in exact or canon in exact or any(
             fnmatch.fnmatchcase(name, w) or fnmatch.fnmatchcase(canon, w) for w in wanted
         ):
@@ -72,7 +66,7 @@ def param_groups(
     patterns = list(no_decay)
     decay, plain = [], []
     for name, p in trainable_named_parameters(model):
-        canon = _canonical(name)
+        canon = without_wrappers(name)  # so patterns work on wrapped models
         (plain if p.ndim <= 1 or any(fnmatch.fnmatchcase(canon, w) for w in patterns) else decay).append(p)
     groups = []
     if decay:

@@ -1,7 +1,8 @@
 """Reading a converted checkpoint back with the TARGET ecosystem's own reader, and comparing bits.
 
-Shared by tests/unit/test_convert.py and tests/distributed/test_convert_real.py. Never
-graft's own readers: the point is that the other tools accept what graft wrote.
+Shared by tests/unit/test_convert.py, tests/distributed/test_convert_real.py and
+tests/e2e/test_os_faults.py. Never graft's own readers: the point is that the other tools accept
+what graft wrote.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+TARGETS = ("safetensors", "hf", "dcp", "torch")
+# Where the one-process tests write each target (a file or a folder).
+OUT_NAME = {"safetensors": "out.safetensors", "hf": "out_hf", "dcp": "out_dcp", "torch": "out.pth"}
 
 
 def _safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -25,19 +25,19 @@ def tiny_config(out_dir, *extra: str):
     return load_config(None, tiny_overrides(out_dir, *extra))
 
 
-def step_lines(run_dir) -> dict[int, dict]:
-    """The last 'step' line of each step in RUN_DIR/metrics.jsonl (a resumed run repeats lost steps)."""
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        d = json.loads(line)
-        if d["event"] == "step":
-            out[d["step"]] = d
-    return out
+def metrics(run_dir) -> list[dict]:
+    """Every record of RUN_DIR/metrics.jsonl, in the order written (the one parser of the tests)."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def events(run_dir, kind: str) -> list[dict]:
-    return [d for d in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-            if d["event"] == kind]
+    """The records of one event ("step", "epoch", "save", "resume", ...), in the order written."""
+    return [d for d in metrics(run_dir) if d["event"] == kind]
+
+
+def step_lines(run_dir) -> dict[int, dict]:
+    """The last 'step' line of each step in RUN_DIR/metrics.jsonl (a resumed run repeats lost steps)."""
+    return {d["step"]: d for d in events(run_dir, "step")}
 
 
 def logical_state(folder) -> dict:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from graft.errors import CheckpointError
+from graft.loading.formats.base import dtype_name
 
 # Classes `decode` may rebuild from JSON. DeepSpeed keeps a loss scaler object and small
 # dataclasses in its optimizer state.
@@ -45,7 +46,7 @@ def encode(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, torch.dtype):
-        return {"__dtype__": str(obj).removeprefix("torch.")}
+        return {"__dtype__": dtype_name(obj)}
     cls = type(obj)
     qual = f"{cls.__module__}:{cls.__qualname__}"
     if cls.__module__.startswith(_REBUILDABLE_PREFIXES):

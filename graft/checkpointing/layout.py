@@ -43,6 +43,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
+from graft.loading.formats.base import dtype_name
 
 # -- folders of a run ------------------------------------------------------------------
 CHECKPOINTS = "checkpoints"
@@ -112,10 +113,6 @@ def split_optim_name(name: str) -> tuple[str, str]:
 def piece_key(name: str, start: int, stop: int) -> str:
     """The key of one piece inside a shard file (unique even if a rank held two ranges)."""
     return f"{name}[{start}:{stop}]"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(name: str) -> torch.dtype:

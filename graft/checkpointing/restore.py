@@ -6,7 +6,7 @@ The adapter says which ranges this rank needs (`targets()`: its shard, or every 
 replicated tensor) as writable views. Each is filled from the pieces of the checkpoint that
 intersect it: the byte range of the intersection is `pread` straight into the view (CPU), or
 through one bounded staging buffer (GPU), with the loading core's reader
-(`graft.loading.formats.base.read_spans`: file order, read-ahead hints, two streams).
+(`graft.loading.formats.reading.read_spans`: file order, read-ahead hints, two streams).
 
 Replicated targets (DDP, single) are read by every rank itself, not by rank 0 and broadcast:
 a sharded checkpoint was written by every rank, so it lives where every rank can reach it
@@ -37,7 +37,8 @@ from graft.checkpointing.layout import Manifest, TensorEntry
 from graft.checkpointing.save import rank_world
 from graft.checkpointing.slices import Holding, StateAdapter, StateMismatch
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Span, read_spans
+from graft.loading.formats.base import dtype_name
+from graft.loading.formats.reading import Span, read_spans
 
 STAGING_BYTES = 64 << 20
 _ALIGN = 64
@@ -87,8 +88,8 @@ def check_target(m: Manifest, h: Holding) -> TensorEntry:
         raise CheckpointError(m.folder, f"holds no {h.name} (the run being resumed needs it)",
                               "resume with the model and optimizer the run was saved with")
     if entry.shape != tuple(h.shape) or entry.dtype != h.dtype:
-        raise CheckpointError(m.folder, f"{h.name} is {list(entry.shape)} {layout.dtype_name(entry.dtype)} in the "
-                                        f"checkpoint, {list(h.shape)} {layout.dtype_name(h.dtype)} in this run",
+        raise CheckpointError(m.folder, f"{h.name} is {list(entry.shape)} {dtype_name(entry.dtype)} in the "
+                                        f"checkpoint, {list(h.shape)} {dtype_name(h.dtype)} in this run",
                               "resume with the model, optimizer and precision the run was saved with")
     return entry
 

@@ -44,6 +44,7 @@ from graft.checkpointing.layout import FileEntry, Piece, TensorEntry
 from graft.checkpointing.shard_writer import STAGING_BYTES, write_bytes, write_shard
 from graft.checkpointing.slices import Holding, StateAdapter, whole
 from graft.errors import GraftError
+from graft.loading.formats.base import dtype_name
 
 log = get_logger(__name__)
 
@@ -244,7 +245,7 @@ def prepare(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dic
                   for rel, obj in (files or {}).items()} if rank == 0 else {}
     return Prepared(
         run_dir=Path(run_dir), atomic=atomic, rank=rank, world=world, pieces=mine,
-        tensors={h.name: (list(h.shape), layout.dtype_name(h.dtype)) for h in [*holdings, *own]},
+        tensors={h.name: (list(h.shape), dtype_name(h.dtype)) for h in [*holdings, *own]},
         state=_copy_json(rank_state), files=serialised,
         adapter_state=_copy_json(adapter.extra_state()) if rank == 0 else None, kind=adapter.kind,
         bytes_per_rank=[m[0] + q for m, q in zip(meta, quota)], started=started)
@@ -299,7 +300,7 @@ def _commit(p: Prepared, records: list[dict], info: dict, keep_last: int | None)
     for r in records:
         for tname, (shape, dtype) in r["tensors"].items():
             entry = tensors.setdefault(tname, TensorEntry(tuple(shape), layout.parse_dtype(dtype)))
-            if entry.shape != tuple(shape) or layout.dtype_name(entry.dtype) != dtype:
+            if entry.shape != tuple(shape) or dtype_name(entry.dtype) != dtype:
                 raise RuntimeError(f"{tname}: the ranks disagree on its shape or dtype ({entry.shape} "
                                    f"{entry.dtype} vs {tuple(shape)} {dtype})")
     for r in records:

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 
 from graft.checkpointing.layout import HASH, new_hasher
-from graft.loading.formats.base import writable_buffer
+from graft.loading.formats.reading import writable_buffer
 from graft.loading.formats.safetensors_file import DTYPES
 
 PIECE_BYTES = 16 << 20

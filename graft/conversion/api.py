@@ -22,6 +22,7 @@ from graft.conversion.stream import DEFAULT_BUFFER_BYTES, TensorStream
 from graft.conversion.writers import WRITERS, WriteOptions, writer_for
 from graft.conversion.writers.hf import parse_size
 from graft.errors import PlanError
+from graft.loading import api as loading
 
 log = get_logger("graft")
 TARGETS = tuple(WRITERS)
@@ -56,13 +57,11 @@ def convert(
     `dry_run` writes nothing and returns the report of what would be written.
     open_options go to `graft.open` (tag, container, format, model_index, allow_globals).
     """
-    import graft
-
     if to not in TARGETS:
         raise PlanError(f"to={to!r}; choose one of {TARGETS}")
     dst = Path(dst)
     options = WriteOptions(max_shard_size=parse_size(max_shard_size), dcp_key=dcp_key or None)
-    with graft.open(src, **open_options) as ckpt:
+    with loading.open(src, **open_options) as ckpt:
         selection = select(ckpt, rename=rename, include=include, exclude=exclude, strip_prefix=strip_prefix,
                            dtype=dtype)
         writer = writer_for(to)(selection.tensors, options)

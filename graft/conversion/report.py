@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from graft.conversion.select import Selection
 from graft.conversion.writers import OutFile
-from graft.loading.plan import fmt_shape
-from graft.loading.report import human_bytes
+from graft.loading.formats.base import dtype_name
+from graft.loading.report import fmt_shape, human_bytes
 
 
 @dataclass
@@ -41,8 +41,8 @@ class ConvertReport:
             "dropped": self.selection.dropped,
             "files": [{"name": f.name or ".", "bytes": f.nbytes, "tensors": len(f.tensors)} for f in self.files],
             "keys": {t.name: {"source_key": t.source_key, "shape": list(t.shape),
-                              "dtype": str(t.dtype).removeprefix("torch."),
-                              "source_dtype": str(t.source_dtype).removeprefix("torch."),
+                              "dtype": dtype_name(t.dtype),
+                              "source_dtype": dtype_name(t.source_dtype),
                               "file": f.name or "."}
                      for f in self.files for t in f.tensors},
         }
@@ -69,8 +69,8 @@ class ConvertReport:
                 lines.append(f"  {f.name or self.dst}: {len(f.tensors)} tensors, {human_bytes(f.nbytes)}")
                 for t in f.tensors:
                     origin = f" <- {t.source_key}" if t.source_key != t.name else ""
-                    cast = f" (from {str(t.source_dtype)[6:]})" if t.cast else ""
-                    lines.append(f"    {t.name} {fmt_shape(t.shape)} {str(t.dtype)[6:]}{cast}{origin}")
+                    cast = f" (from {dtype_name(t.source_dtype)})" if t.cast else ""
+                    lines.append(f"    {t.name} {fmt_shape(t.shape)} {dtype_name(t.dtype)}{cast}{origin}")
         else:
             if len(self.files) > 1:
                 for f in self.files:

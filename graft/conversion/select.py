@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from graft.errors import PlanError
-from graft.loading.formats.base import Checkpoint, TensorMeta
+from graft.loading.formats.base import Checkpoint, TensorMeta, dtype_name
 from graft.loading.plan import COMPILED_PREFIX, WRAPPER_PREFIXES, apply_renames, first_match, without_prefix
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,11 +68,7 @@ class Selection:
     @property
     def casts(self) -> dict[str, int]:
         """'float32 -> bfloat16' -> number of tensors cast that way."""
-        return dict(Counter(f"{_name(t.source_dtype)} -> {_name(t.dtype)}" for t in self.tensors if t.cast))
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+        return dict(Counter(f"{dtype_name(t.source_dtype)} -> {dtype_name(t.dtype)}" for t in self.tensors if t.cast))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from graft.conversion.select import OutTensor
-from graft.loading.formats.base import Checkpoint, writable_buffer
+from graft.loading.formats.base import Checkpoint
+from graft.loading.formats.reading import writable_buffer
 
 DEFAULT_BUFFER_BYTES = 64 << 20
 CAST_CHUNK_BYTES = 16 << 20

@@ -10,6 +10,8 @@ import sys
 from collections import Counter, defaultdict
 
 from graft.errors import GraftError
+from graft.loading.formats.base import dtype_name
+from graft.loading.plan import ON_MISMATCH
 
 
 def _open(args):
@@ -38,7 +40,7 @@ def inspect_summary(ckpt) -> dict:
     dtype_bytes = Counter()
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for m in metas:
-        d = str(m.dtype).removeprefix("torch.")
+        d = dtype_name(m.dtype)
         dtypes[d] += 1
         dtype_bytes[d] += m.nbytes
         head = m.key.split(".")[0]
@@ -51,7 +53,7 @@ def inspect_summary(ckpt) -> dict:
         "params": sum(m.numel for m in metas),
         "dtypes": {d: {"tensors": n, "bytes": dtype_bytes[d]} for d, n in dtypes.items()},
         "groups": {g: {"tensors": n, "bytes": b} for g, (n, b) in groups.items()},
-        "keys": {m.key: {"shape": list(m.shape), "dtype": str(m.dtype).removeprefix("torch.")} for m in metas},
+        "keys": {m.key: {"shape": list(m.shape), "dtype": dtype_name(m.dtype)} for m in metas},
     }
 
 
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename", action="append", metavar="REGEX=REPL", help="rename rule, applied in order")
     p.add_argument("--include", action="append", metavar="GLOB", help="load only keys matching (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="never load keys matching (repeatable)")
-    p.add_argument("--on-mismatch", choices=["skip", "error", "copy-overlap"], default="skip")
+    p.add_argument("--on-mismatch", choices=ON_MISMATCH, default="skip")
     p.add_argument("--min-coverage", type=float, help="exit 1 when the loaded share of parameters is below this (0-1)")
     p.set_defaults(func=cmd_diff)
 

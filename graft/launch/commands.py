@@ -211,6 +211,17 @@ def _existing(path: str | Path, what: str) -> str:
     return _pretty(path)
 
 
+def torchrun_argv(opts: LaunchOptions, script_args: list[str] = ()) -> list[str]:
+    """`torchrun` starting the trainer (or `opts.script`) with `script_args` on `opts.nproc` processes
+    of node `opts.node_rank`: how `build_command` launches FSDP on a CPU-only machine, and the one
+    torchrun line for anything else that only needs N processes of a script (the tests' scripts).
+    Only the sizes and the rendezvous of `opts` apply here (not strategy, device or configs)."""
+    return [*_tool("torchrun", "torch.distributed.run"), "--nproc_per_node", str(opts.nproc),
+            "--nnodes", str(opts.nodes), "--node_rank", str(opts.node_rank),
+            "--master_addr", opts.main_address or "127.0.0.1", "--master_port", str(_port(opts)),
+            *_entry(opts.script), *script_args]
+
+
 def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
     """The command that starts the trainer (or `opts.script`) with `script_args` on this machine
     (node `opts.node_rank`). Its notes say which entry and which launcher configs it uses."""
@@ -222,11 +233,7 @@ def build_command(opts: LaunchOptions, script_args: list[str] = ()) -> Command:
     if opts.strategy == "fsdp" and device == "cpu":
         notes.append("fsdp on CPU: accelerate's FSDP plugin does nothing without a GPU, so the trainer runs "
                      "under torchrun and wraps the model with torch's fully_shard itself (train.strategy=fsdp2)")
-        argv = [*_tool("torchrun", "torch.distributed.run"), "--nproc_per_node", str(opts.nproc),
-                "--nnodes", str(opts.nodes), "--node_rank", str(opts.node_rank),
-                "--master_addr", opts.main_address or "127.0.0.1", "--master_port", str(_port(opts)),
-                *entry, *script_args]
-        return Command(argv, env, notes)
+        return Command(torchrun_argv(opts, script_args), env, notes)
 
     deepspeed = opts.strategy in ZERO
     single = opts.world_size == 1 and not deepspeed

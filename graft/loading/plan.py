@@ -18,17 +18,33 @@ import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence, get_args
 
 import torch
 
 from graft.errors import PlanError
-from graft.loading.formats.base import Checkpoint
+from graft.loading.formats.base import Checkpoint, dtype_name
+from graft.loading.report import fmt_shape, render_plan
 
 OnMismatch = Literal["skip", "error", "copy-overlap"]
-ON_MISMATCH = ("skip", "error", "copy-overlap")
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
-COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")
+ON_MISMATCH: tuple[str, ...] = get_args(OnMismatch)
+"""The choices of `on_mismatch`, for the config, the CLI and the checks."""
+
+# What torch's own wrappers put into parameter names: DDP and FSDP1 a leading `module.`,
+# torch.compile `_orig_mod.` (leading, or inside a name for a compiled submodule).
+DDP_PREFIX, COMPILED_SEGMENT = "module.", "_orig_mod."
+# The prefixes the plan tries on either side when it aligns keys: torch's wrappers, and
+# `model.`, which is no wrapper but what Lightning-style modules holding `self.model` save.
+WRAPPER_PREFIXES = (DDP_PREFIX, COMPILED_SEGMENT, "model.")
+COMPILED_PREFIX = re.compile(rf"(^|\.){re.escape(COMPILED_SEGMENT)}")
+_TORCH_WRAPPERS = re.compile(
+    rf"^({re.escape(DDP_PREFIX)}|{re.escape(COMPILED_SEGMENT)})+|(?<=\.){re.escape(COMPILED_SEGMENT)}")
+
+
+def without_wrappers(name: str) -> str:
+    """`name` without the segments torch's own wrappers add (not `model.`: in a live model that
+    is a real submodule's name)."""
+    return _TORCH_WRAPPERS.sub("", name)
 
 
 @dataclass
@@ -146,9 +162,9 @@ class LoadPlan:
                     "reason": e.reason,
                     "checkpoint_key": e.ckpt_key,
                     "shape": list(e.shape),
-                    "dtype": str(e.dtype).removeprefix("torch."),
+                    "dtype": dtype_name(e.dtype),
                     "checkpoint_shape": list(e.ckpt_shape) if e.ckpt_shape is not None else None,
-                    "checkpoint_dtype": str(e.ckpt_dtype).removeprefix("torch.") if e.ckpt_dtype else None,
+                    "checkpoint_dtype": dtype_name(e.ckpt_dtype) if e.ckpt_dtype else None,
                 }
                 for k, e in self.entries.items()
             },
@@ -156,8 +172,6 @@ class LoadPlan:
         }
 
     def __str__(self) -> str:
-        from graft.loading.report import render_plan
-
         return render_plan(self)
 
 
@@ -321,11 +335,6 @@ def _dtype_compatible(src: torch.dtype, dst: torch.dtype) -> bool:
     return src.is_floating_point and dst.is_floating_point
 
 
-def fmt_shape(shape) -> str:
-    """'(102, 4096)', the way reports and errors show a shape; '-' when unknown."""
-    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else "-"
-
-
 def plan(
     model: torch.nn.Module,
     ckpt: Checkpoint,
@@ -406,7 +415,7 @@ def plan(
             entry.action = "load"
             entry.reason = "same name" if ck == mk else f"from {ck!r}"
             if entry.cast:
-                entry.reason += f"; cast {str(meta.dtype)[6:]} -> {str(tensor.dtype)[6:]}"
+                entry.reason += f"; cast {dtype_name(meta.dtype)} -> {dtype_name(tensor.dtype)}"
         else:
             entry.action = "mismatch"
             entry.reason = f"shape {fmt_shape(entry.shape)} in model vs {fmt_shape(meta.shape)} in checkpoint"

@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from graft.loading.plan import LoadPlan, fmt_shape
+from graft.loading.formats.base import dtype_name
+
+if TYPE_CHECKING:  # plan renders itself with `render_plan`: only plan imports report
+    from graft.loading.plan import LoadPlan
+
+
+def fmt_shape(shape) -> str:
+    """'(102, 4096)', the way reports and errors show a shape; '-' when unknown."""
+    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else "-"
 
 
 def human_bytes(n: float) -> str:
@@ -51,7 +60,7 @@ def render_plan(plan: LoadPlan, title: str = "dry run") -> str:
         status = {"load": "loaded", "new": "new", "mismatch": "mismatched"}[e.action]
         if e.partial:
             status = "partial"
-        rows.append((status, k, fmt_shape(e.shape), str(e.dtype).removeprefix("torch."), e.reason))
+        rows.append((status, k, fmt_shape(e.shape), dtype_name(e.dtype), e.reason))
     shown, _ = shown_unexpected(plan)
     for ck, reason in shown.items():
         rows.append(("unexpected", ck, "", "", reason))
@@ -135,7 +144,7 @@ class LoadReport:
         lines.append(f"  loaded      {len(p.loaded):4d}  {_group(p.loaded)}")
         for k in p.casts:
             e = p.entries[k]
-            lines.append(f"    cast      {k}: {str(e.ckpt_dtype)[6:]} -> {str(e.dtype)[6:]}")
+            lines.append(f"    cast      {k}: {dtype_name(e.ckpt_dtype)} -> {dtype_name(e.dtype)}")
         lines.append(f"  new         {len(p.new):4d}  " + ", ".join(
             f"{k} ({p.entries[k].reason})" if p.entries[k].reason != "not in checkpoint" else k for k in p.new))
         lines.append(f"  mismatched  {len(p.mismatched):4d}")

@@ -1,18 +1,25 @@
-"""Move the planned tensors from the checkpoint into the model (one process).
+"""The transfer step of `graft.load`, and the one-process transfer.
 
-Where a model tensor is a contiguous CPU tensor of the checkpoint's dtype and shape (the
-usual case), its bytes are read straight into the parameter's own memory: no second copy
-of the model ever exists. Anything else (a cast, an overlap copy, a GPU or non-contiguous
-destination) goes through a temporary of one tensor at a time, so extra memory stays
-bounded by the largest such tensor.
+`graft.load` opens, plans and validates, then hands the bytes' journey to a `Transfer`:
+`LocalTransfer` here, or a distributed one (graft.loading.distributed); that step is the
+only one that differs between one process and a process group.
+
+In one process, where a model tensor is a contiguous CPU tensor of the checkpoint's dtype
+and shape (the usual case), its bytes are read straight into the parameter's own memory:
+no second copy of the model ever exists. Anything else (a cast, an overlap copy, a GPU or
+non-contiguous destination) goes through a temporary of one tensor at a time, so extra
+memory stays bounded by the largest such tensor.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
 
 import torch
+import torch.distributed as dist
 
 from graft._logging import get_logger, progress
 from graft.errors import PlanError
@@ -28,6 +35,58 @@ _PROGRESS_MIN_BYTES = 256 << 20
 class TransferStats:
     bytes_read: int
     seconds: float
+
+
+@dataclass(kw_only=True)
+class LoadContext:
+    """What every step of one `graft.load` call shares."""
+
+    model: torch.nn.Module
+    plan_kwargs: dict
+    """rename, include, exclude, on_mismatch, strip_prefixes, as `graft.plan` takes them."""
+    bucket_mb: float
+    """Distributed: the staging memory of the stream on every rank."""
+    show_progress: bool
+    rank: int = 0
+    world: int = 1
+    start: float = field(default_factory=time.perf_counter)
+    """When the call began: a distributed load reports the time of the whole call."""
+
+    @classmethod
+    def begin(cls, model: torch.nn.Module, *, plan_kwargs: dict, bucket_mb: float, show_progress: bool,
+              distributed: bool) -> LoadContext:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        return cls(model=model, plan_kwargs=plan_kwargs, bucket_mb=bucket_mb, show_progress=show_progress,
+                   rank=rank, world=world)
+
+
+class Transfer(Protocol):
+    """How the planned bytes reach the model: the step of `graft.load` chosen per call."""
+
+    def source(self, ckpt: Checkpoint | str | os.PathLike | None) -> Checkpoint | str | os.PathLike:
+        """What this rank opens and plans against."""
+
+    def failed(self, error: Exception) -> NoReturn:
+        """This rank could not open, plan or validate: raise, on every rank, the same error."""
+
+    def run(self, opened: Checkpoint, plan: LoadPlan) -> tuple[LoadPlan, TransferStats]:
+        """Move the bytes; returns the plan to report (rank 0's, on every rank) and the figures."""
+
+
+@dataclass
+class LocalTransfer:
+    """One process: read the planned tensors straight into the model."""
+
+    ctx: LoadContext
+
+    def source(self, ckpt: Checkpoint | str | os.PathLike | None) -> Checkpoint | str | os.PathLike:
+        return ckpt
+
+    def failed(self, error: Exception) -> NoReturn:
+        raise error
+
+    def run(self, opened: Checkpoint, plan: LoadPlan) -> tuple[LoadPlan, TransferStats]:
+        return plan, load_into(self.ctx.model, plan, opened, show_progress=self.ctx.show_progress)
 
 
 def is_direct(entry: Entry, dest: torch.Tensor) -> bool:
@@ -51,13 +110,12 @@ def copy_into(entry: Entry, dest: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def load_into(model: torch.nn.Module, plan: LoadPlan, ckpt: Checkpoint, *, show_progress: bool = True) -> TransferStats:
-    """Copy every planned tensor from `ckpt` into `model`."""
+    """Copy every planned tensor from `ckpt` into `model`; `ckpt` was validated for `plan`
+    (graft.load does so before any transfer: a bad shard fails before a parameter changes)."""
     start = time.perf_counter()
     before = ckpt.bytes_read
     tensors = model_tensors(model)
     todo = [e for e in plan.entries.values() if e.reads_bytes]
-    # All checks first: a bad shard must fail before the first parameter changes.
-    ckpt.validate(e.ckpt_key for e in todo)
     on_meta = [k for k, (t, _) in tensors.items() if t.device.type == "meta"]
     if on_meta:
         # One process has no rank 0 to take values from: new tensors would stay unset.

@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import math
 
-from graft.config import EXTEND_POLICIES, ScheduleConfig
+from graft.config import EXTEND_POLICIES, SCHEDULES, ScheduleConfig
 from graft.errors import ConfigError
+
+
+def _check_name(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ConfigError(f"schedule.name={name!r}; use one of {list(SCHEDULES)}")
 
 
 class Schedule:
     """Sets each optimizer group's LR to base_lr x factor(step) before every step."""
 
     def __init__(self, cfg: ScheduleConfig, base_lrs: list[float], steps_per_epoch: int, total_steps: int):
+        # ScheduleConfig checks its name, but a config changed after it was built is only
+        # caught here: at construction, not at the first step of a long run.
+        _check_name(cfg.name)
         self.cfg = cfg
         self.base_lrs = [float(x) for x in base_lrs]
         self.steps_per_epoch = steps_per_epoch
@@ -63,7 +71,8 @@ class Schedule:
             return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p))
         if cfg.name == "linear":
             return 1 - (1 - m) * p
-        raise AssertionError(cfg.name)
+        _check_name(cfg.name)  # changed since __init__: the same error
+        raise NotImplementedError(f"schedule {cfg.name!r} is listed in SCHEDULES but has no curve here")
 
     def lrs(self, step: int) -> list[float]:
         f = self.factor(step)

@@ -11,23 +11,21 @@ import json
 
 import pytest
 
-from launch import BIN, REPO, free_port, run, torchrun
+from launch import REPO, graft_launch, torchrun
 from e2e.test_faults import assert_all_complete, tmpfs
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = REPO / "tests/distributed/scripts"
-ACCEL = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no"]
 
 
 @pytest.mark.parametrize("case", ["ddp", "fsdp2"])
 def test_async_checkpoints_equal_sync_and_resume_is_bitwise(case, tmp_path):
     script = SCRIPTS / "async_resume.py"
+    # Launched as `graft train --strategy ddp|fsdp` launches them (fsdp on CPU: torchrun).
     if case == "fsdp2":
-        torchrun(script, tmp_path, "train.strategy=fsdp2", timeout=500)
+        graft_launch(script, tmp_path, "train.strategy=fsdp2", strategy="fsdp", timeout=500)
     else:
-        run([str(BIN / "accelerate"), "launch", *ACCEL, "--main_process_port", str(free_port()), str(script),
-             str(tmp_path)], timeout=500)
+        graft_launch(script, tmp_path, strategy="ddp", timeout=500)
     r = json.loads((tmp_path / "result.json").read_text())
     assert r["world_size"] == 2 and r["strategy"] == case
     assert r["resumed_from"].endswith("epoch_000002") and r["epochs_done"] == 4

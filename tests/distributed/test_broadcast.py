@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import launch
-from launch import BIN, free_port, torchrun
+from launch import free_port, torchrun
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -145,9 +145,9 @@ def test_two_nodes_checkpoint_known_only_to_node_0(ckpts, tmp_path):
     for node in (0, 1):
         env = launch.child_env(**({"GRAFT_TEST_CKPT_DIR": str(ckpts)} if node == 0 else {}))
         env.pop("GRAFT_TEST_CKPT_DIR", None) if node == 1 else None
-        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
-               "--master_addr", "127.0.0.1", "--master_port", str(port),
-               str(SCRIPTS / "bcast_nodes.py"), str(tmp_path)]
+        # Each node's line as the builder makes it (commands.torchrun_argv): one process per node.
+        cmd = launch.torchrun_command(SCRIPTS / "bcast_nodes.py", tmp_path, nproc=1, nodes=2, node_rank=node,
+                                      main_address="127.0.0.1", main_port=port, cwd=tmp_path)
         procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL))
     deadline = time.monotonic() + 180
@@ -178,7 +178,7 @@ def test_two_nodes_checkpoint_known_only_to_node_0(ckpts, tmp_path):
 
 
 def test_stream_messages_cover_every_byte_once_and_split_large_tensors():
-    from graft.loading.broadcast import _Item, _messages
+    from graft.loading.distributed.wire import Item as _Item, messages as _messages
 
     items = [_Item("a", "ckpt", 100), _Item("b", "ckpt", 5000), _Item("c", "rank0", 3), _Item("d", "ckpt", 200)]
     msgs = _messages(items, capacity=1024)
@@ -195,7 +195,7 @@ def test_stream_messages_cover_every_byte_once_and_split_large_tensors():
 
 
 def test_materialize_meta_keeps_ties_and_requires_grad():
-    from graft.loading.broadcast import materialize_meta
+    from graft.loading.distributed import materialize_meta
 
     with torch.device("meta"):
         model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))

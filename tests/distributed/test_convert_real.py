@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from convert_checks import assert_bitwise, read_back
-from launch import BIN, REPO, free_port, run, torchrun
+from launch import REPO, graft_launch, torchrun
 from safetensors.torch import load_file
 
 import graft
@@ -37,9 +37,7 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor], 
     fsdp = tmp_path_factory.mktemp("fsdp2")
     torchrun(SCRIPTS / "dcp_fsdp2_save.py", fsdp, timeout=300)
     acc = tmp_path_factory.mktemp("accelerate")
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(SCRIPTS / "accelerate_save.py"), str(acc)], timeout=300)
+    graft_launch(SCRIPTS / "accelerate_save.py", acc, strategy="ddp", timeout=300)  # as `graft train` starts DDP
     zero3_truth = torch.load(ds / "stage3/expected.pt", weights_only=True)
     assert zero3_truth["frozen"]  # frozen parameters are part of what must come through
     return {

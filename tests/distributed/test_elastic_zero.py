@@ -22,7 +22,7 @@ import sys
 import pytest
 
 from graft.checkpointing import layout
-from launch import BIN, REPO, child_env, free_port, run
+from launch import REPO, child_env, graft_launch, run
 from run_helpers import assert_elastic_check, elastic_plan
 
 pytestmark = pytest.mark.distributed
@@ -38,11 +38,8 @@ PAIRS = {  # check name: (source run, world size, strategy it resumes under)
 
 
 def _deepspeed(stage: int, nproc: int, out, plan: str) -> None:
-    config = REPO / f"graft/launch/configs/deepspeed/zero{stage}.json"
-    run([str(BIN / "accelerate"), "launch", "--use_deepspeed", "--deepspeed_config_file", str(config),
-         "--num_processes", str(nproc), "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(SCRIPT), str(out), plan], timeout=600, env=child_env())
+    """As `graft train --strategy zeroN --nproc N` launches it (accelerate, graft's zeroN.json)."""
+    graft_launch(SCRIPT, out, plan, strategy=f"zero{stage}", nproc=nproc, timeout=600, env=child_env())
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 import launch
-from checks import assert_changed_model_loads, changed_model
-from launch import BIN, REPO, free_port, run
+from checks import assert_changed_model_loads
+from launch import REPO, graft_launch
 from safetensors.torch import load_file
 
 import graft
@@ -23,9 +23,7 @@ SCRIPT = REPO / "tests/distributed/scripts/accelerate_save.py"
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerate")
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(SCRIPT), str(out)], timeout=240)
+    graft_launch(SCRIPT, out, strategy="ddp", timeout=240)  # as `graft train` starts DDP
     return out
 
 

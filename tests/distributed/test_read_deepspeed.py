@@ -19,9 +19,8 @@ import torch
 import graft
 from graft.errors import CheckpointError
 from graft.loading.formats.deepspeed_folder import MASTER
-from graft.models import tiny_vgg_rnn3
-from launch import run, torchrun
-from launch import child_env
+from checks import changed_model
+from launch import child_env, run, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -31,6 +30,9 @@ STAGES = (1, 2, 3)
 # a few seconds more and covers the reader's fallback to the module copy.
 WRITTEN = (0, *STAGES)
 TAG = "global_step3"  # the writer trains 3 steps and lets DeepSpeed name the tag
+# checks.changed_model's arguments here: a new block in front (rnn3) and a resized head (5 -> 7
+# classes) on the writer's BatchNorm model.
+CHANGED = dict(seed=1, batch_norm=True)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,6 @@ def written(tmp_path_factory) -> Path:
 def expected(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     saved = torch.load(folder / "expected.pt", weights_only=True)
     return saved["state_dict"], saved["frozen"]
-
-
-def changed_model() -> torch.nn.Module:
-    # A new block in front (rnn3) and a resized head (5 -> 7 classes).
-    torch.manual_seed(1)
-    return tiny_vgg_rnn3(num_classes=7, batch_norm=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -79,7 +75,7 @@ def test_metadata_without_reading_weights(written, stage):
 def test_changed_model_loads_writer_weights(written, stage):
     folder = written / f"stage{stage}"
     want, frozen = expected(folder)
-    model = changed_model()
+    model = changed_model(**CHANGED)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = graft.load(model, folder, freeze="loaded", progress=False, verbose=False)
 
@@ -151,11 +147,12 @@ def test_reads_where_deepspeed_cannot_be_imported(written):
         else:
             raise SystemExit("deepspeed is importable")
         import torch, graft
-        from graft.models import tiny_vgg_rnn3
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})  # tests/ (checks)
+        from checks import changed_model
         for stage in {STAGES}:
             folder = {str(written)!r} + f"/stage{{stage}}"
             want = torch.load(folder + "/expected.pt", weights_only=True)["state_dict"]
-            model = tiny_vgg_rnn3(num_classes=7, batch_norm=True)
+            model = changed_model(**{CHANGED!r})
             report = graft.load(model, folder, freeze="loaded", progress=False, verbose=False)
             assert len(report.loaded) == len(want) - 2, report.loaded
             state = model.state_dict()
@@ -169,7 +166,7 @@ def test_reads_where_deepspeed_cannot_be_imported(written):
 
 
 def untouched(folder: Path, match: str) -> None:
-    model = changed_model()
+    model = changed_model(**CHANGED)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=match):
         graft.load(model, folder, freeze="loaded", progress=False, verbose=False)

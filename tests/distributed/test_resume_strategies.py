@@ -1,9 +1,10 @@
 """Save + resume, 2 processes on CPU (gloo), under every strategy: the resumed run is bitwise the straight one.
 
-One launch per strategy; inside it the script trains 4 epochs straight, then 2 + resume 2,
+One launch per strategy, the command `graft train --strategy S --device cpu` builds
+(graft.launch.commands); inside it the script trains 4 epochs straight, then 2 + resume 2,
 and reports (tests/distributed/scripts/train_resume_strategy.py):
 
-    ddp      accelerate launch --multi_gpu --num_processes 2   (Accelerator(cpu=True): MULTI_CPU)
+    ddp      accelerate launch --multi_gpu --num_processes 2, ACCELERATE_USE_CPU=true (MULTI_CPU)
     zero2    accelerate launch --use_deepspeed, graft/launch/configs/deepspeed/zero2.json
     zero3    accelerate launch --use_deepspeed, graft/launch/configs/deepspeed/zero3.json
     fsdp2    torchrun --nproc_per_node 2, train.strategy=fsdp2 (fully_shard; accelerate's FSDP
@@ -18,25 +19,18 @@ import pytest
 
 import graft
 from graft.models import tiny_vgg
-from launch import BIN, REPO, free_port, run, torchrun
+from launch import REPO, graft_launch, torchrun
 
 pytestmark = pytest.mark.distributed
 SCRIPT = REPO / "tests/distributed/scripts/train_resume_strategy.py"
-ACCEL = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-CASES = {
-    "ddp": ["--multi_gpu"],
-    "zero2": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "graft/launch/configs/deepspeed/zero2.json")],
-    "zero3": ["--use_deepspeed", "--deepspeed_config_file", str(REPO / "graft/launch/configs/deepspeed/zero3.json")],
-}
+# Each case launched as `graft train --strategy S --nproc 2 --device cpu` launches it.
+STRATEGY = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp2": "fsdp"}
 
 
 @pytest.mark.parametrize("case", ["ddp", "zero2", "zero3", "fsdp2"])
 def test_two_process_resume_is_bitwise(case, tmp_path):
-    if case == "fsdp2":
-        torchrun(SCRIPT, tmp_path, "train.strategy=fsdp2", timeout=400)
-    else:
-        run([str(BIN / "accelerate"), "launch", *CASES[case], *ACCEL, "--main_process_port", str(free_port()),
-             str(SCRIPT), str(tmp_path)], timeout=400)
+    extra = ["train.strategy=fsdp2"] if case == "fsdp2" else []  # what `graft train --strategy fsdp` adds
+    graft_launch(SCRIPT, tmp_path, *extra, strategy=STRATEGY[case], timeout=400)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2
     assert result["strategy"] == {"ddp": "ddp", "zero2": "deepspeed", "zero3": "deepspeed", "fsdp2": "fsdp2"}[case]

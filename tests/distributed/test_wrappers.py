@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launch import BIN, free_port, run, torchrun
+from launch import BIN, free_port, graft_launch, run, torchrun
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -46,6 +46,8 @@ def torch_wrappers(ckpt, tmp_path_factory):
 def deepspeed_zero(ckpt, tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("wrap_deepspeed")
+    # DeepSpeed's own launcher, which users start scripts with; `graft train` never builds this line
+    # (its ZeRO launches are accelerate's, as in accelerate_ddp below and the trainer's tests).
     run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
          str(SCRIPTS / "wrap_deepspeed.py"), str(ckpt), str(out)], timeout=360)
     return _results(out)
@@ -55,9 +57,7 @@ def deepspeed_zero(ckpt, tmp_path_factory):
 def accelerate_ddp(ckpt, tmp_path_factory):
     pytest.importorskip("accelerate")
     out = tmp_path_factory.mktemp("wrap_accelerate")
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(SCRIPTS / "wrap_accelerate.py"), str(ckpt), str(out)], timeout=240)
+    graft_launch(SCRIPTS / "wrap_accelerate.py", ckpt, out, strategy="ddp", timeout=240)  # as `graft train` does
     return _results(out)
 
 

@@ -33,7 +33,7 @@ from graft.checkpointing.layout import candidates, problem
 from graft.trainer import run
 import launch
 from launch import BIN, REPO
-from run_helpers import step_lines, tiny_config, tiny_overrides
+from run_helpers import events, step_lines, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -283,8 +283,7 @@ def test_second_trainer_refuses_while_the_first_runs_and_kill_9_frees_the_lock(t
     assert first.returncode == 0, stderr[-3000:]
     assert "done: epoch 3" in stdout
     assert assert_all_complete(out) == ["epoch_000003", "epoch_000002", "epoch_000001"]
-    raw = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [d["step"] for d in raw if d["event"] == "step"]
+    steps = [d["step"] for d in events(out, "step")]
     assert steps == sorted(set(steps)) == sorted(step_lines(out)), steps  # one writer: no doubled lines
     assert (out / LOCK_FILE).read_text() == ""
 

@@ -1,6 +1,8 @@
 """A user's own loop (graft/templates/own_loop.py: accelerate, no graft Trainer) on graft.Checkpointer.
 
-Launches (accelerate launch, 2 CPU processes, gloo), each checked against the straight run:
+Launches (2 CPU processes, gloo), each the command `graft train --script examples/own_loop.py
+--strategy S --device cpu` builds (graft.launch.commands: accelerate launch for ddp and zero2,
+torchrun for fsdp), each checked against the straight run:
 
     straight     4 epochs in one launch
     halves       2 epochs, then a second launch resumes and finishes: every step's loss and the
@@ -21,20 +23,23 @@ import shutil
 import pytest
 
 from graft.templates.own_loop import lr_factor
-from launch import BIN, REPO, child_env, free_port, run, torchrun
+from launch import REPO, child_env, graft_launch
 from run_helpers import state_differences
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 SCRIPT = REPO / "examples/own_loop.py"
 PREEMPTED = REPO / "tests/e2e/scripts/own_loop_preempted.py"
-ZERO2 = REPO / "graft/launch/configs/deepspeed/zero2.json"
-CPU = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
 def accelerate(script, *args, deepspeed: bool = False, env=None):
-    how = ["--use_deepspeed", "--deepspeed_config_file", str(ZERO2)] if deepspeed else ["--multi_gpu"]
-    return run([str(BIN / "accelerate"), "launch", *how, *CPU, "--main_process_port", str(free_port()),
-                str(script), *map(str, args)], timeout=300, env=env or child_env())
+    """`script args` launched as `graft train --strategy ddp` (or zero2) launches it."""
+    return graft_launch(script, *args, strategy="zero2" if deepspeed else "ddp", timeout=300,
+                        env=env or child_env())
+
+
+def fsdp(script, *args):
+    """`script args` launched as `graft train --strategy fsdp` launches it on CPU (torchrun)."""
+    return graft_launch(script, *args, strategy="fsdp", timeout=300)
 
 
 def losses(run_dir) -> dict[int, dict]:
@@ -60,9 +65,8 @@ def runs(tmp_path_factory):
     accelerate(SCRIPT, "--out", out / "zero2", "--epochs", 2, "--session-epochs", 1, deepspeed=True)
     accelerate(SCRIPT, "--out", out / "zero2", "--epochs", 2, "--check-restore", out / "zero2_restored",
                deepspeed=True)
-    torchrun(SCRIPT, "--out", out / "fsdp2", "--fsdp2", "--epochs", 2, "--session-epochs", 1, timeout=300)
-    torchrun(SCRIPT, "--out", out / "fsdp2", "--fsdp2", "--epochs", 2, "--check-restore", out / "fsdp2_restored",
-             timeout=300)
+    fsdp(SCRIPT, "--out", out / "fsdp2", "--fsdp2", "--epochs", 2, "--session-epochs", 1)
+    fsdp(SCRIPT, "--out", out / "fsdp2", "--fsdp2", "--epochs", 2, "--check-restore", out / "fsdp2_restored")
     return out
 
 

@@ -1,4 +1,5 @@
-"""Resume and extension, single process: exact continuation, each extension policy, SIGTERM, kill -9.
+"""Resume and extension, single process: exact continuation, each extension policy, SIGTERM, kill -9,
+and `graft plot` of a real resumed run.
 
 The runs are tiny (tiny_vgg, 32x32 digits, 240 samples, 4 steps per epoch) and run in this
 process, except the SIGTERM case (a real `python train.py`) and the kill -9 trials (forked
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from graft.errors import CheckpointError
+from graft.launch.plot import plot_run
 from graft.trainer import run
 from launch import REPO
 from run_helpers import events, run_and_sigterm, state_differences, step_lines, tiny_config, tiny_overrides
@@ -127,6 +129,26 @@ def test_sigterm_mid_epoch_then_resume_equals_never_stopped(tmp_path):
         assert not state_differences(out / "checkpoints" / name, ref / "checkpoints" / name)
     a, b = step_lines(ref), step_lines(out)
     assert [a[s]["loss"] for s in sorted(a)] == [b[s]["loss"] for s in sorted(a)]
+
+
+# -- the plot of a resumed run ------------------------------------------------------------
+
+def test_plot_of_a_real_resumed_run(tmp_path):
+    """A tiny real run (the trainer writes metrics.jsonl), extended once: the resume is where it picked up."""
+    pytest.importorskip("sklearn")
+    from graft.config import load_config
+
+    run_dir = tmp_path / "tiny"
+    over = [f"train.out_dir={run_dir}", "data.limit=96", "data.batch_size=16", "train.progress=false",
+            "train.log_every=1", "model.factory=graft.models:tiny_vgg", "model.kwargs={num_classes: 10}"]
+    run(load_config(None, [*over, "train.epochs=2"]))
+    summary = run(load_config(None, [*over, "train.epochs=3"]), resume="auto")
+    assert summary["epochs_done"] == 3
+    res = plot_run(run_dir, tmp_path / "tiny.png")
+    steps_per_epoch = summary["steps_per_epoch"]
+    assert res.resume_steps == [2 * steps_per_epoch]
+    assert res.n_epochs == 3 and res.n_steps == 3 * steps_per_epoch
+    assert res.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- kill -9 during saves ----------------------------------------------------------------

@@ -1,24 +1,7 @@
 import pytest
 import torch
+from checks import Small, trained_small_model  # noqa: F401 - Small: the unit tests import it from here
 from torch import nn
-
-
-class Small(nn.Module):
-    """Conv + BatchNorm (buffers) + a head: enough shapes to exercise every rule."""
-
-    def __init__(self, num_classes: int = 10, extra: bool = False):
-        super().__init__()
-        if extra:
-            self.extra = nn.Linear(4, 4)
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, num_classes)
-
-    def forward(self, x):
-        x = self.bn(self.conv(x)).mean((2, 3))
-        if hasattr(self, "extra"):
-            x = self.extra(x)
-        return self.head(x)
 
 
 class Wrapper(nn.Module):
@@ -31,11 +14,7 @@ class Wrapper(nn.Module):
 
 @pytest.fixture
 def trained_small():
-    torch.manual_seed(0)
-    m = Small()
-    m.train()
-    m(torch.randn(8, 3, 6, 6))  # moves BatchNorm running stats off their defaults
-    return m
+    return trained_small_model()
 
 
 def snapshot(model):

@@ -1,5 +1,6 @@
 """`graft convert` / `graft.convert` in one process: every target read back by its own
 ecosystem's reader, the selection rules, bounded memory, and bad input that leaves nothing.
+A full disk (a real tmpfs, and `graft convert` as a child process) is in tests/e2e/test_os_faults.py.
 
 Checkpoints written by the distributed tools (DeepSpeed, FSDP2 + DCP, accelerate) are in
 tests/distributed/test_convert_real.py.
@@ -8,24 +9,18 @@ tests/distributed/test_convert_real.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from convert_checks import assert_bitwise, bits, read_back
+from convert_checks import OUT_NAME, TARGETS, assert_bitwise, bits, read_back
 from huggingface_hub import save_torch_state_dict
-from launch import REPO
 
 import graft
 from graft.conversion.stream import TensorStream
 from graft.errors import CheckpointError, PlanError
 from graft.launch.cli import main as graft_cli
 
-TARGETS = ("safetensors", "hf", "dcp", "torch")
-OUT_NAME = {"safetensors": "out.safetensors", "hf": "out_hf", "dcp": "out_dcp", "torch": "out.pth"}
 
 
 def source_state() -> dict[str, torch.Tensor]:
@@ -221,39 +216,6 @@ def test_source_failing_validation_leaves_nothing(hf_sharded, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "truncated" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 20 MB tmpfs: a real full disk (CI and sessions run as root)."""
-    if os.geteuid() != 0:
-        pytest.fail("the full-disk test mounts a tmpfs and needs root (CI runs as root)")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
-@pytest.mark.parametrize("to", TARGETS)
-def test_full_disk_leaves_nothing(small_disk, tmp_path, to):
-    src = tmp_path / "big.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({f"w{i}": torch.full((1 << 20,), float(i)) for i in range(8)}, src)  # 32 MiB > 20 MB
-    dst = small_disk / OUT_NAME[to]
-    with pytest.raises(CheckpointError, match="No space left on device") as err:
-        convert(src, dst, to, max_shard_size="10MB")
-    assert "way out" in str(err.value)
-    assert list(small_disk.iterdir()) == []  # neither DST nor the temporary
-    proc = subprocess.run([sys.executable, "-m", "graft.launch.cli", "convert", str(src), str(dst), "--to", to],
-                          capture_output=True, text=True, cwd=REPO)
-    last = proc.stderr.strip().splitlines()[-1]  # above it: the progress bar, cleared
-    assert proc.returncode == 2 and last.startswith("graft: error:") and "No space left" in last, proc.stderr
-    assert proc.stderr.count("graft: error:") == 1
-    assert list(small_disk.iterdir()) == []
 
 
 def test_ring_wraps_waits_and_stops():

@@ -1,4 +1,7 @@
-"""The launch command builder (every strategy, CPU and GPU, multi-node) and `graft train/resume --dry-run`."""
+"""The launch command builder (every strategy, CPU and GPU, multi-node) and `graft train/resume --dry-run`.
+
+Nothing here starts a process: `execute` running commands and passing signals on is tested in
+tests/e2e/test_execute.py, `python -m graft.train` in tests/e2e/test_console.py."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from graft.launch.commands import (
     Command,
     LaunchOptions,
     build_command,
+    torchrun_argv,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +108,8 @@ def test_fsdp_on_cpu_is_torchrun():
     assert flag(a, "--master_addr") == "127.0.0.1" and flag(a, "--master_port") == "2222"
     assert a[-2:] == [SCRIPT, "x=1"]
     assert any("fully_shard" in n for n in cmd.notes)
+    # The one torchrun line: the tests start their N-process scripts with torchrun_argv too.
+    assert a == torchrun_argv(opts(nproc=2, strategy="fsdp", main_port=2222), ["x=1"])
 
 
 def test_fsdp_on_gpu_is_accelerate_fsdp2():
@@ -164,16 +170,6 @@ def test_a_train_py_in_the_folder_is_not_started_unless_named(tmp_path, monkeypa
     assert cmd.argv[-2:] == ["train.py", "x=1"] and cmd.notes[0] == "entry: train.py"
 
 
-def test_the_packaged_trainer_starts_as_a_module():
-    """`python -m graft.train --help` works from a folder that is not the repository."""
-    import subprocess
-
-    proc = subprocess.run([sys.executable, "-m", TRAINER_MODULE, "--help"], capture_output=True, text=True,
-                          cwd="/", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert "accelerate launch -m graft.train" in proc.stdout and "--resume" in proc.stdout
-
-
 # ------------------------------------------------------------------------------- multi-node
 
 def test_multinode_ddp_args():
@@ -223,19 +219,6 @@ def test_shell_line_round_trips():
     line = cmd.shell()
     assert line.startswith("A='1 2' accelerate launch")
     assert shlex.split(line)[1:] == cmd.argv
-
-
-def test_execute_prints_then_runs_and_forwards_exit_code(capfd):
-    cmd = Command([sys.executable, "-c", "import os, sys; print('child', os.environ['X']); sys.exit(3)"],
-                  {"X": "ok"}, notes=["why"])
-    assert train_cmd.execute(cmd) == 3
-    out = capfd.readouterr().out
-    assert out.index("# why") < out.index("$ X=ok ") < out.index("child ok")
-
-
-def test_execute_reports_death_by_signal_as_128_plus_n():
-    cmd = Command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
-    assert train_cmd.execute(cmd) == 128 + 9
 
 
 def test_execute_dry_run_runs_nothing(capsys, tmp_path):
@@ -352,60 +335,6 @@ def test_graft_resume_defaults_to_the_saved_launch(capsys, tmp_path, run_config,
     rc, argv, _ = _dry(capsys, "resume", str(run_dir), "--device", "cpu", "--dry-run", "--nproc", "1",
                        "--strategy", "ddp")
     assert argv[argv.index("--num_processes") + 1] == "1" and "--use_deepspeed" not in argv
-
-
-# ------------------------------------------------------------------------------- signals
-
-_CHILD = r'''
-import os, signal, subprocess, sys, time
-out = sys.argv[1]
-if len(sys.argv) > 2:
-    # The "launcher": starts the "trainer" in its own process group and dies on SIGTERM at
-    # once (like a single-process `accelerate launch`), leaving the trainer to finish.
-    subprocess.Popen([sys.executable, __file__, out])
-    time.sleep(60)
-    sys.exit(0)
-def handler(signum, frame):
-    time.sleep(0.5)  # "writing the preemption checkpoint"
-    open(out + ".got", "w").write(signal.Signals(signum).name)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, handler)
-open(out + ".ready", "w").close()
-time.sleep(60)
-'''
-
-
-def _signal_when_ready(ready: Path, sig: int):
-    import os
-    import threading
-    import time
-
-    def go():
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), sig)
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t
-
-
-@pytest.mark.parametrize("sig, launcher", [("SIGTERM", False), ("SIGUSR1", False), ("SIGTERM", True)])
-def test_signals_reach_the_trainer(tmp_path, sig, launcher):
-    """SIGTERM and Slurm's SIGUSR1 reach the training process as SIGTERM, and `execute` waits
-    for it to finish its checkpoint even when the launcher in between dies first."""
-    import signal
-
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
-    out = tmp_path / "trainer"
-    argv = [sys.executable, str(script), str(out)] + (["launcher"] if launcher else [])
-    t = _signal_when_ready(Path(str(out) + ".ready"), getattr(signal, sig))
-    rc = train_cmd.execute(Command(argv), drain_timeout=30)
-    t.join()
-    assert Path(str(out) + ".got").read_text() == "SIGTERM"
-    assert rc == (0 if not launcher else 128 + signal.SIGTERM)
 
 
 def test_port_defaults():

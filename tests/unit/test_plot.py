@@ -1,4 +1,5 @@
-"""`graft plot`: a PNG from metrics.jsonl, with the resume points where the run picked up."""
+"""`graft plot`: a PNG from metrics.jsonl, with the resume points where the run picked up.
+The plot of a real (trained, resumed) run is in tests/e2e/test_resume.py."""
 
 from __future__ import annotations
 
@@ -80,22 +81,3 @@ def test_plot_without_metrics_says_so(tmp_path):
 def test_ema_is_debiased():
     assert ema([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])
     assert ema([1.0, 3.0], 0.0) == [1.0, 3.0]
-
-
-def test_plot_of_a_real_resumed_run(tmp_path):
-    """A tiny real run (the trainer writes metrics.jsonl), extended once: the resume is where it picked up."""
-    pytest.importorskip("sklearn")
-    from graft.config import load_config
-    from graft.trainer import run
-
-    run_dir = tmp_path / "tiny"
-    over = [f"train.out_dir={run_dir}", "data.limit=96", "data.batch_size=16", "train.progress=false",
-            "train.log_every=1", "model.factory=graft.models:tiny_vgg", "model.kwargs={num_classes: 10}"]
-    run(load_config(None, [*over, "train.epochs=2"]))
-    summary = run(load_config(None, [*over, "train.epochs=3"]), resume="auto")
-    assert summary["epochs_done"] == 3
-    res = plot_run(run_dir, tmp_path / "tiny.png")
-    steps_per_epoch = summary["steps_per_epoch"]
-    assert res.resume_steps == [2 * steps_per_epoch]
-    assert res.n_epochs == 3 and res.n_steps == 3 * steps_per_epoch
-    assert res.path.read_bytes()[:8] == PNG_MAGIC

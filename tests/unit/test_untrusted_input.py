@@ -2,20 +2,18 @@
 
 A safetensors header as strict as the reference reader, every checkpoint JSON through the
 bounded parser, index shards kept inside their folder (the Hugging Face cache's symlinks
-still read), low-level errors as CheckpointError, a file that shrinks before the transfer
-leaving the model as it was, and `graft` printing one `graft: error:` line with exit 2.
+still read), low-level errors as CheckpointError, and a file that shrinks before the transfer
+leaving the model as it was. The cases that need a child process (permission denied, as a user
+who may not read the file; `graft` printing one `graft: error:` line with exit 2) are in
+tests/e2e/test_os_faults.py and tests/e2e/test_console.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -162,56 +160,6 @@ def test_hugging_face_cache_layout_with_symlinked_shards_loads(tmp_path):
             assert torch.equal(getattr(m, k), v)
 
 
-# -- permission denied, as a user who may not read the file -------------------------------
-
-@functools.cache
-def without_read_access() -> tuple[str, ...]:
-    """A command prefix that runs a child unable to read other users' files.
-
-    Sessions run as root, which reads everything: the child is `nobody` (setpriv), using this
-    venv's python. Where `nobody` cannot execute that python, the child stays root but loses
-    the two capabilities that bypass file permissions, which denies it the same files.
-    """
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    if subprocess.run([*nobody, sys.executable, "-c", "pass"], cwd="/",
-                      capture_output=True).returncode == 0:
-        return tuple(nobody)
-    return ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all")
-
-
-CHILD = """
-import sys, graft
-try:
-    graft.open(sys.argv[1])
-except graft.CheckpointError as e:
-    print(e)
-    sys.exit(3)
-"""
-
-
-@pytest.mark.parametrize("locked", ["folder", "file"])
-def test_permission_denied_is_a_checkpoint_error(trained_small, locked):
-    # Under /tmp itself: pytest's tmp_path sits in a root-only folder, which would deny the
-    # child one level too early.
-    top = Path(tempfile.mkdtemp(prefix="graft-perm-"))
-    try:
-        path = top / "m.safetensors"
-        save_file(trained_small.state_dict(), path)
-        os.chmod(top, 0o755)
-        if locked == "folder":  # a folder the child may not enter, owned by a third user
-            os.chown(top, 65533, 65533)
-            os.chmod(top, 0o700)
-        else:  # a file the child may not read, in a folder it may list
-            os.chown(path, 65533, 65533)
-            os.chmod(path, 0o600)
-        proc = subprocess.run([*without_read_access(), sys.executable, "-c", CHILD, str(path)], cwd="/",
-                              capture_output=True, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-        assert proc.returncode == 3, proc.stdout + proc.stderr
-        assert "permission denied" in proc.stdout and str(path.parent) in proc.stdout and "way out" in proc.stdout
-    finally:
-        shutil.rmtree(top)
-
-
 # -- a file that shrinks after it was opened ----------------------------------------------
 
 def test_a_file_that_shrinks_before_the_transfer_leaves_the_model_unchanged(tmp_path, trained_small):
@@ -236,29 +184,3 @@ def test_a_shard_that_shrinks_after_validation_fails_before_the_first_byte(tmp_p
         with pytest.raises(graft.CheckpointError, match="truncated"):
             ckpt.read_into(outs)  # sizes are checked again right before the first byte moves
         assert all(bool((out == 7).all()) for _, out in outs)
-
-
-# -- the command line -----------------------------------------------------------------------
-
-def corrupt_files(tmp_path: Path, trained_small) -> dict[str, Path]:
-    good = tmp_path / "good.safetensors"
-    save_file(trained_small.state_dict(), good)
-    n, header, body = parts(good)
-    files = {}
-    files["length -1"] = tmp_path / "off-by-one.safetensors"
-    files["length -1"].write_bytes(struct.pack("<Q", n - 1) + header + body)
-    files["deep"] = tmp_path / "deep.safetensors"
-    files["deep"].write_bytes(struct.pack("<Q", 100_000) + b"[" * 100_000)
-    return files
-
-
-def test_graft_inspect_and_diff_on_corrupt_files_print_one_error_line_and_exit_2(tmp_path, trained_small):
-    exe = Path(sys.executable).parent / "graft"
-    files = corrupt_files(tmp_path, trained_small)
-    runs = [["inspect", str(files["length -1"])], ["diff", str(files["deep"]), "--model", "graft.models:tiny_vgg_rnn3"]]
-    for cmd in runs:
-        proc = subprocess.run([str(exe), *cmd], capture_output=True, text=True)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2, (cmd, proc.stderr)
-        assert len(lines) == 1 and lines[0].startswith("graft: error: "), (cmd, proc.stderr)
-        assert cmd[1] in lines[0] and "way out" in lines[0] and "Traceback" not in proc.stderr

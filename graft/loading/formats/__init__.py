@@ -1,6 +1,7 @@
 """One reader per checkpoint format, and `open_checkpoint`, which picks the right one.
 
-A new format is one module here with a `Checkpoint` subclass, added to `READERS`. The
+A new format is one module here with a `Checkpoint` subclass, added to `READERS` below
+(the registry, `registry.READERS`, is filled here). The
 order matters: folder formats that contain files another reader would also accept come
 first (an accelerate folder holds a model.safetensors; a Trainer checkpoint is a transformers
 folder with more in it; a transformers or PEFT folder has no accelerate state files but the
@@ -9,68 +10,22 @@ same weights names).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from graft.errors import CheckpointError
 from graft.loading.formats.accelerate_folder import AccelerateFolder
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
 from graft.loading.formats.dcp import DCPFolder
 from graft.loading.formats.deepspeed_folder import DeepSpeedFolder
 from graft.loading.formats.graft_run import GraftRun
 from graft.loading.formats.hf_folder import HFTrainerFolder, TransformersFolder
 from graft.loading.formats.hf_index import HFIndex
 from graft.loading.formats.peft_adapter import PeftAdapter
+from graft.loading.formats.reading import Piece, Span
+from graft.loading.formats.registry import FILE_READERS, READERS, detect, open_checkpoint
 from graft.loading.formats.safetensors_file import SafetensorsFile
 from graft.loading.formats.torch_file import TorchFile
 
-READERS: list[type[Checkpoint]] = [GraftRun, DeepSpeedFolder, DCPFolder, HFTrainerFolder, TransformersFolder,
-                                   PeftAdapter, AccelerateFolder, HFIndex, SafetensorsFile, TorchFile]
-# Readers of one file: given a folder, they name the files inside it they would read.
-FILE_READERS: tuple[type[Checkpoint], ...] = (SafetensorsFile, TorchFile)
+# The order matters (see above); one-file readers last.
+READERS.extend([GraftRun, DeepSpeedFolder, DCPFolder, HFTrainerFolder, TransformersFolder, PeftAdapter,
+                AccelerateFolder, HFIndex, SafetensorsFile, TorchFile])
+FILE_READERS.extend([SafetensorsFile, TorchFile])
 
-__all__ = ["Checkpoint", "OpenOptions", "Span", "TensorMeta", "READERS", "open_checkpoint"]
-
-
-def open_checkpoint(path: str | os.PathLike, options: OpenOptions | None = None,
-                    format: str | None = None) -> Checkpoint:
-    """Open `path` with the reader named by `format`, or the first whose `can_open` accepts it."""
-    options = options or OpenOptions()
-    path = Path(path)
-    if not path.exists():
-        hint = "check the path"
-        if path.parent.is_dir():
-            near = sorted(p.name for p in path.parent.iterdir())[:10]
-            hint += f"; {path.parent} holds {near}"
-        raise CheckpointError(path, "no such file or directory", hint)
-    if format is not None:
-        for reader in READERS:
-            if reader.format == format:
-                if reader in FILE_READERS and path.is_dir():
-                    raise folder_for_file_reader(path, reader)
-                return reader(path, options)
-        raise CheckpointError(path, f"unknown format {format!r}",
-                              f"use one of {[r.format for r in READERS]} or leave format=None")
-    if (reader := detect(path)) is not None:
-        return reader(path, options)
-    looked_for = "; ".join(f"{r.format}: {r.describes}" for r in READERS)
-    raise CheckpointError(path, f"is no checkpoint format graft knows (looked for {looked_for})",
-                          "pass format= explicitly, or convert the checkpoint to safetensors")
-
-
-def detect(path: Path) -> type[Checkpoint] | None:
-    """The reader `graft.open` would pick for `path` with no format=, or None."""
-    return next((reader for reader in READERS if reader.can_open(path)), None)
-
-
-def folder_for_file_reader(path: Path, reader: type[Checkpoint]) -> CheckpointError:
-    """format= names a one-file reader but `path` is a folder: say which way does open it."""
-    inside = sorted(p.name for p in path.iterdir() if p.is_file() and reader.can_open(p))
-    found = detect(path)
-    ways = []
-    if found is not None:
-        ways.append(f"leave format=None (the folder opens as {found.format!r})")
-    if inside:
-        ways.append(f"point at the file: {path / inside[0]}")
-    return CheckpointError(path, f"is a folder; format={reader.format!r} reads one file",
-                           " or ".join(ways) or f"point at a {reader.format} file")
+__all__ = ["Checkpoint", "OpenOptions", "Piece", "Span", "TensorMeta", "READERS", "detect", "open_checkpoint"]

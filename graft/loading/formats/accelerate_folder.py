@@ -21,6 +21,7 @@ from pathlib import Path
 from graft.errors import CheckpointError
 from graft.loading.formats.base import OpenOptions
 from graft.loading.formats.delegate import Delegating
+from graft.loading.formats.registry import open_checkpoint
 
 # Accelerate's own names for the files of save_state (accelerate.utils.constants).
 _RNG_FILE = re.compile(r"random_states_(\d+)\.pkl$")
@@ -70,6 +71,7 @@ def read_step(rng_file: Path) -> int | None:
 class AccelerateFolder(Delegating):
     format = "accelerate"
     describes = "a folder from Accelerator.save_state or save_model (model.safetensors, pytorch_model.bin, model_1...)"
+    uses = frozenset({"model_index"})
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
@@ -87,8 +89,6 @@ class AccelerateFolder(Delegating):
 
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
-        from graft.loading.formats import open_checkpoint
-
         if not self.path.is_dir():
             raise CheckpointError(self.path, "is not a folder; accelerate's save_state/save_model write folders",
                                   "point at the folder, or leave format=None")

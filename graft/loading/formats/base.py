@@ -3,103 +3,31 @@
 A reader knows names, shapes and dtypes from metadata alone, and reads only the tensors it
 is asked for. Formats whose tensors are plain byte ranges of a file (safetensors, torch
 zip files, DeepSpeed fp32 partitions...) describe them as `Span`s; the base class then
-reads those bytes straight into the destination's memory, in file order, after telling
-the kernel exactly which ranges are coming (so read-ahead fetches nothing we discard).
-
-It is also the one place where low-level failures become `CheckpointError`s:
-`checkpoint_errors(path)` wraps every entry into untrusted bytes (opening a checkpoint,
-opening a shard lazily, reading tensors) and turns an OSError (permission denied, I/O
-error, a file that vanished) or an exception a parser raises on malformed bytes into an
-error naming the file, the problem and the way out, chained to the original.
+reads them with `reading.read_spans`, straight into the destination's memory. Low-level
+failures become `CheckpointError`s through `failures.checkpoint_errors`.
 """
 
 from __future__ import annotations
 
-import ctypes
+import difflib
 import math
 import os
-import pickle
-import struct
-import zipfile
+import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 
-from graft.errors import CheckpointError, GraftError
-
-# Large reads are split so a progress bar moves and one syscall never exceeds Linux's
-# 2 GiB read cap.
-_READ_CHUNK = 64 << 20
+from graft.loading.formats.failures import checkpoint_errors
+from graft.loading.formats.reading import Piece, Span, check_spans_fit, file_sizes, read_spans
 
 
-# What the file system and parsers of untrusted bytes raise. Deliberately not TypeError,
-# KeyError, AttributeError or AssertionError: readers check the types they rely on
-# themselves, so those mean a bug in graft, and a bug keeps its traceback.
-_LOW_LEVEL = (OSError, ValueError, OverflowError, RecursionError, EOFError, struct.error,
-              zipfile.BadZipFile, pickle.UnpicklingError)
-
-
-def as_checkpoint_error(path: str | os.PathLike, e: BaseException) -> CheckpointError:
-    """The CheckpointError that says what `e`, raised while reading `path`, means for the user."""
-    if isinstance(e, OSError):
-        where = e.filename if isinstance(e.filename, (str, bytes, os.PathLike)) else path
-        reason = e.strerror or str(e)
-        if isinstance(e, PermissionError):
-            return CheckpointError(where, f"cannot be read: permission denied ({reason})",
-                                   "give this user read access to the file and search (x) access to"
-                                   " every folder above it (ls -l, chmod, or run as its owner)")
-        if isinstance(e, FileNotFoundError):
-            return CheckpointError(where, f"disappeared while graft was reading it ({reason})",
-                                   "another process moved or deleted it; wait for it, or copy the"
-                                   " checkpoint somewhere stable")
-        return CheckpointError(where, f"cannot be read: {reason}",
-                               "check the file system (dmesg, mount, free space) and read access;"
-                               " copy the checkpoint elsewhere if the storage is failing")
-    return CheckpointError(path, f"cannot be read ({type(e).__name__}: {str(e)[:300]})",
-                           "the file is damaged or not what its name says; write or copy it again")
-
-
-@contextmanager
-def checkpoint_errors(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a low-level failure inside the block into a CheckpointError about `path` (GraftErrors pass)."""
-    try:
-        yield
-    except GraftError:
-        raise
-    except _LOW_LEVEL as e:
-        raise as_checkpoint_error(path, e) from e
-
-
-def file_sizes(files: Iterable[str]) -> dict[str, int]:
-    """The current size of each file (one fstat each), as CheckpointErrors if one cannot be opened."""
-    sizes = {}
-    for file in files:
-        with checkpoint_errors(file):
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                sizes[file] = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-    return sizes
-
-
-def check_spans_fit(spans: Iterable[tuple[str, Span]], sizes: dict[str, int]) -> None:
-    """Every (key, span) lies inside its file as it is now, or a CheckpointError naming both."""
-    for key, span in spans:
-        size = sizes[span.file]
-        if span.offset + span.nbytes > size:
-            raise CheckpointError(
-                span.file,
-                f"truncated: {key!r} needs bytes [{span.offset}, {span.offset + span.nbytes})"
-                f" but the file has {size} bytes",
-                "the file was cut short (interrupted copy or download, or it shrank after it was"
-                " opened); copy it again",
-            )
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16': how reports, JSON and manifests spell a dtype (`getattr(torch, name)` reads it back)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -120,18 +48,19 @@ class TensorMeta:
         return self.numel * self.dtype.itemsize
 
 
-@dataclass(frozen=True)
-class Span:
-    """A tensor stored as `nbytes` contiguous bytes at `offset` of `file`, in its own dtype."""
-
-    file: str
-    offset: int
-    nbytes: int
+# Keys under which checkpointing code nests the model's state dict (torchtitan before its
+# flat layout, Lightning, HF Trainer, most training scripts).
+MODEL_CONTAINERS = ("state_dict", "model_state_dict", "model", "module")
+# Where a torch file's top-level dict is searched for the state dict, in this order: also the
+# names training scripts give the network itself. Not for DCP folders: their keys are
+# flattened, so a group `net.` cannot be told from a submodule named `net`, and only the
+# unambiguous MODEL_CONTAINERS count as nesting there.
+CONTAINER_KEYS = MODEL_CONTAINERS + ("net", "network", "model_state", "params", "weights")
 
 
 @dataclass(kw_only=True)
 class OpenOptions:
-    """Options of `graft.open`; each reader uses the ones that concern it."""
+    """Options of `graft.open`; each reader uses the ones that concern it (`Checkpoint.uses`)."""
 
     container: str | None = None
     """Torch files: the key (dotted for nesting) that holds the state dict; found if None."""
@@ -145,8 +74,36 @@ class OpenOptions:
     """DeepSpeed folders: the tag (e.g. 'global_step100'); the `latest` file if None."""
     model_index: int = 0
     """accelerate folders: which model of `save_state` (model.safetensors, model_1...)."""
-    extra: dict = field(default_factory=dict)
-    """Options for readers added later, by name."""
+    verify: str = "sha256"
+    """graft run checkpoints: how completeness is checked, 'sha256' (every file's hash) or
+    'sizes' (every file's size only: faster, blind to bytes changed in place)."""
+    adapter_name: str | None = None
+    """PEFT adapters: the adapter's name in the model's keys (`...lora_A.<name>.weight`), which
+    the saved keys lack; found from the model's keys if None (a tie is suggested, not guessed)."""
+
+
+OPEN_OPTIONS = tuple(f.name for f in fields(OpenOptions))
+
+
+def reject_unknown_options(given: Iterable[str]) -> None:
+    """A TypeError naming each option `graft.open` does not know (a typo would else go unnoticed)."""
+    unknown = [name for name in given if name not in OPEN_OPTIONS]
+    if unknown:
+        close = {name: difflib.get_close_matches(name, OPEN_OPTIONS, n=1) for name in unknown}
+        hints = "".join(f" ({name!r}: did you mean {near[0]!r}?)" for name, near in close.items() if near)
+        raise TypeError(f"graft.open got unknown option(s) {unknown}{hints}; the options are format and"
+                        f" {', '.join(OPEN_OPTIONS)} (see graft.loading.formats.OpenOptions)")
+
+
+def warn_unused_options(ckpt: Checkpoint) -> None:
+    """Warn about each option given (not at its default) that the opened reader never reads."""
+    default, used = OpenOptions(), ckpt.options_used()
+    ignored = {name: getattr(ckpt.options, name) for name in OPEN_OPTIONS
+               if name not in used and getattr(ckpt.options, name) != getattr(default, name)}
+    if ignored:
+        given = ", ".join(f"{name}={value!r}" for name, value in ignored.items())
+        warnings.warn(f"graft.open({str(ckpt.path)!r}): {given} ignored: it does not apply to a {ckpt.format}"
+                      f" checkpoint, which uses {sorted(used) or 'none of the options'}", stacklevel=3)
 
 
 class Checkpoint(ABC):
@@ -156,6 +113,8 @@ class Checkpoint(ABC):
     """Short name shown in reports: 'torch', 'safetensors', 'hf-index', ..."""
     describes: ClassVar[str]
     """What `graft.open` looks for to pick this reader (used in 'unknown format' errors)."""
+    uses: ClassVar[frozenset[str]] = frozenset()
+    """The `OpenOptions` fields this reader reads; `graft.open` warns about others given."""
 
     def __init__(self, path: str | os.PathLike, options: OpenOptions):
         self.path = Path(path)
@@ -183,19 +142,45 @@ class Checkpoint(ABC):
         """Facts for `graft inspect` and reports; readers add their own (tag, world size...)."""
         return {"format": self.format, "path": str(self.path), "source": self.source}
 
+    def options_used(self) -> frozenset[str]:
+        """`uses`, and, for a reader that opens others (folder formats, indexes), theirs too."""
+        return self.uses
+
     # -- data ----------------------------------------------------------------------
     def span(self, key: str) -> Span | None:
-        """The byte range of `key` if it is stored raw and contiguous; None otherwise."""
+        """The byte range of `key` if it is stored raw, contiguous and in one piece; None otherwise."""
         return None
 
+    def pieces(self, key: str) -> list[Piece] | None:
+        """The byte ranges `key` is stored in, each filling its own region of the destination's
+        bytes (ZeRO partitions, DCP chunks); None if it is not stored as raw bytes.
+
+        Most formats store a tensor in one piece: by default, its `span`.
+        """
+        span = self.span(key)
+        return None if span is None else [Piece(span.file, span.offset, span.nbytes, 0)]
+
     def _materialize(self, key: str) -> torch.Tensor:
-        """Readers without spans return the tensor here (a CPU tensor, possibly mmap-backed)."""
-        raise NotImplementedError(f"{type(self).__name__} has neither spans nor _materialize")
+        """Readers without pieces return the tensor here (a CPU tensor, possibly mmap-backed)."""
+        raise NotImplementedError(f"{type(self).__name__} has neither pieces nor _materialize")
+
+    def _copy_into(self, key: str, out: torch.Tensor, on_bytes: Callable[[int], None] | None) -> int:
+        """Fill `out` with `key`, which has no pieces; returns the bytes read.
+
+        A copy of `_materialize(key)` here; a reader that can fill `out` part by part in
+        less memory than a whole second tensor does so instead (DCP's strided or
+        compressed chunks).
+        """
+        nbytes = self.meta(key).nbytes
+        out.copy_(self._materialize(key).reshape(out.shape))
+        if on_bytes:
+            on_bytes(nbytes)
+        return nbytes
 
     def validate(self, keys: Iterable[str]) -> None:
         """Check, before any copy starts, that every byte the keys need is on disk."""
-        spans = [(key, span) for key in keys if (span := self.span(key)) is not None]
-        check_spans_fit(spans, file_sizes({span.file for _, span in spans}))
+        placed = [(key, piece) for key in keys for piece in self.pieces(key) or ()]
+        check_spans_fit(placed, file_sizes({piece.file for _, piece in placed}))
 
     def tensor(self, key: str) -> torch.Tensor:
         """A CPU tensor with the checkpoint's values of `key` (fresh memory or a file view)."""
@@ -211,30 +196,30 @@ class Checkpoint(ABC):
     ) -> None:
         """Fill each `out` (CPU, contiguous, the checkpoint's dtype and numel) with `key`.
 
-        Spanned tensors are read with pread straight into `out`, grouped by file and in
-        offset order; the rest are copied from `_materialize`.
+        Every piece is read with pread straight into its region of `out`, all pieces of a
+        file in one `read_spans` call, in offset order; tensors without pieces go through
+        `_copy_into`.
         """
         with checkpoint_errors(self.path):
             by_file: dict[str, list[tuple[Span, torch.Tensor]]] = defaultdict(list)
-            spanned = []
+            placed, rest = [], []
             for key, out in requests:
                 meta = self.meta(key)
                 assert out.device.type == "cpu" and out.is_contiguous(), key
                 assert out.dtype == meta.dtype and out.numel() == meta.numel, key
-                span = self.span(key)
-                if span is not None:
-                    by_file[span.file].append((span, out))
-                    spanned.append((key, span))
+                pieces = self.pieces(key)
+                if pieces is None:
+                    rest.append((key, out))
+                    continue
+                flat = out.view(-1).view(torch.uint8) if out.numel() else out
+                for piece in pieces:
+                    by_file[piece.file].append((piece, flat[piece.dest : piece.dest + piece.nbytes]))
+                    placed.append((key, piece))
             # Every file's size again, right before the first byte lands in `out`: a file that
             # shrank since `validate` fails here with nothing written.
-            check_spans_fit(spanned, file_sizes(by_file))
-            for key, out in requests:
-                if self.span(key) is None:
-                    nbytes = self.meta(key).nbytes
-                    out.copy_(self._materialize(key).reshape(out.shape))
-                    self.bytes_read += nbytes
-                    if on_bytes:
-                        on_bytes(nbytes)
+            check_spans_fit(placed, file_sizes(by_file))
+            for key, out in rest:
+                self.bytes_read += self._copy_into(key, out, on_bytes)
             for file, items in by_file.items():
                 items.sort(key=lambda item: item[0].offset)
                 self.bytes_read += read_spans(file, items, on_bytes)
@@ -247,184 +232,3 @@ class Checkpoint(ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-
-def writable_buffer(out: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous CPU tensor's bytes (no numpy needed)."""
-    nbytes = out.numel() * out.element_size()
-    if nbytes == 0:
-        return memoryview(bytearray(0))
-    return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
-
-
-# Read-ahead may run this far past the end of a range (two 16 MB windows: the sequential
-# window with the common 8 MB read_ahead_kb); gaps up to _SMALL_GAP are read through.
-_RUNAWAY, _SMALL_GAP = 32 << 20, 1 << 20
-
-
-def spans_are_dense(file: str, spans: Sequence[Span]) -> bool:
-    """Whether reading `spans` sequentially wastes at most 3% on gaps and read-ahead runaway."""
-    if not spans:
-        return True
-    size = os.stat(file).st_size
-    wanted = sum(s.nbytes for s in spans)
-    waste, end = 0, None
-    for span in sorted(spans, key=lambda s: s.offset):
-        if end is not None and span.offset > end:
-            gap = span.offset - end
-            waste += gap if gap <= _SMALL_GAP else min(gap, _RUNAWAY)
-        end = max(end or 0, span.offset + span.nbytes)
-    waste += min(size - end, _RUNAWAY) if size - end > _SMALL_GAP else 0
-    return waste <= 0.03 * wanted
-
-
-def read_spans(
-    file: str,
-    items: Sequence[tuple[Span, torch.Tensor]],
-    on_bytes: Callable[[int], None] | None = None,
-    dense: bool | None = None,
-) -> int:
-    """pread each span of one file into its tensor (see `_read_spans`); returns the bytes read.
-
-    Any failure of the file system (permission, I/O error, the file gone) is a CheckpointError
-    naming `file`, also when it is raised in the helper reader thread.
-    """
-    with checkpoint_errors(file):
-        return _read_spans(file, items, on_bytes, dense)
-
-
-def _read_spans(
-    file: str,
-    items: Sequence[tuple[Span, torch.Tensor]],
-    on_bytes: Callable[[int], None] | None = None,
-    dense: bool | None = None,
-) -> int:
-    """pread each span of one file into its tensor; returns the bytes read.
-
-    Two ways, chosen from the layout of the spans:
-
-    - dense (the spans cover the file but for small gaps: a full load): the kernel is
-      told the access is sequential (it doubles its read-ahead window), and two readers,
-      each with its own descriptor and so its own read-ahead stream, read the first and
-      the second half of the bytes. Measured here, cold, 3x faster than one reader with
-      the same hint, and 3-4x faster than no hint or explicit WILLNEED ranges; warm, the
-      same as one reader.
-    - sparse (large holes: a filtered load): sequential read-ahead would run on past the
-      end of every kept range (two windows, ~30 MB here) into bytes nobody wants. The
-      access is declared random (no speculative read-ahead), and a helper thread tells
-      the kernel exactly which ranges are coming (WILLNEED, in pieces small enough that
-      the kernel does not cap them), ahead of the reader, so the bytes read from storage
-      are the bytes kept and the I/O of the next range overlaps the copy of this one.
-
-    `dense` overrides the choice: a caller reading one plan in several calls (the
-    broadcast's chunks) decides once for the whole plan.
-    """
-    import threading
-
-    hint_piece = 4 << 20
-    items = sorted(items, key=lambda item: item[0].offset)
-    lock = threading.Lock()
-
-    def report(n: int) -> None:
-        if on_bytes:
-            with lock:
-                on_bytes(n)
-
-    # (file offset, destination view) pieces of at most _READ_CHUNK, in file order.
-    pieces = []
-    for span, out in items:
-        view = writable_buffer(out)
-        for start in range(0, span.nbytes, _READ_CHUNK):
-            pieces.append((span.offset + start, view[start : min(span.nbytes, start + _READ_CHUNK)], span))
-    wanted = sum(len(view) for _, view, _ in pieces)
-
-    def read(fd: int, todo) -> int:
-        got = 0
-        for offset, view, span in todo:
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise CheckpointError(
-                        file,
-                        f"unexpected end of file at byte {offset + done}"
-                        f" (needed {span.offset + span.nbytes})",
-                        "the file is truncated; copy it again",
-                    )
-                done += n
-                report(n)
-            got += done
-        return got
-
-    advise = hasattr(os, "posix_fadvise")
-    if not advise:
-        dense = True
-    elif dense is None:
-        dense = spans_are_dense(file, [span for span, _ in items])
-
-    def open_fd(advice) -> int:
-        fd = os.open(file, os.O_RDONLY)
-        if advise:
-            os.posix_fadvise(fd, 0, 0, advice)
-        return fd
-
-    def read_with(advice, todo) -> int:
-        fd = open_fd(advice)
-        try:
-            return read(fd, todo)
-        finally:
-            os.close(fd)
-
-    def read_in_two(advice) -> int:
-        """Two readers, each its own descriptor (its own read-ahead state), half the bytes
-        each: cold, two streams keep the device busier; warm, two cores copy."""
-        if wanted < 2 * _READ_CHUNK or len(pieces) < 2:
-            return read_with(advice, pieces)
-        acc, cut = 0, len(pieces) - 1
-        for i, (_, view, _) in enumerate(pieces):
-            acc += len(view)
-            if 2 * acc >= wanted:
-                cut = i + 1
-                break
-        cut = min(max(cut, 1), len(pieces) - 1)
-        result: dict[str, object] = {}
-
-        def second():
-            try:
-                result["got"] = read_with(advice, pieces[cut:])
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                result["error"] = e
-
-        helper = threading.Thread(target=second, name="graft-reader", daemon=True)
-        helper.start()
-        try:
-            got = read_with(advice, pieces[:cut])
-        finally:
-            helper.join()
-        if "error" in result:
-            raise result["error"]
-        return got + result["got"]
-
-    if dense:
-        return read_in_two(os.POSIX_FADV_SEQUENTIAL if advise else None)
-
-    # WILLNEED acts on the file's page cache, so the hints may come from their own descriptor.
-    hint_fd = open_fd(os.POSIX_FADV_RANDOM)
-    stop = threading.Event()
-
-    def hint():
-        for span, _ in items:
-            done = 0
-            while done < span.nbytes and not stop.is_set():
-                n = min(hint_piece, span.nbytes - done)
-                os.posix_fadvise(hint_fd, span.offset + done, n, os.POSIX_FADV_WILLNEED)
-                done += n
-
-    hinter = threading.Thread(target=hint, name="graft-willneed", daemon=True)
-    hinter.start()
-    try:
-        return read_in_two(os.POSIX_FADV_RANDOM)
-    finally:
-        stop.set()
-        hinter.join()
-        os.close(hint_fd)

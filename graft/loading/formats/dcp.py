@@ -21,21 +21,14 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import (
-    Checkpoint,
-    OpenOptions,
-    Span,
-    TensorMeta,
-    check_spans_fit,
-    file_sizes,
-    read_spans,
-)
-from graft.loading.formats.torch_zip import Archive, byte_range, check_view, read_tensor
+from graft.loading.formats.base import MODEL_CONTAINERS, Checkpoint, OpenOptions, TensorMeta
+from graft.loading.formats.reading import Piece, Span, check_spans_fit, file_sizes, read_spans
+from graft.loading.formats.torch_zip import Archive, check_view, read_tensor, span_of
 
 METADATA = ".metadata"
 # Top-level groups that training code saves beside the model; never offered as model keys.
@@ -45,8 +38,6 @@ NON_MODEL_GROUPS = frozenset({
     "lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "train_state", "trainer",
     "dataloader", "data_loader", "rng", "rng_state", "rng_states", "extra", "extra_state",
 })
-# Keys under which code nests the model's state dict (torchtitan before its flat layout).
-MODEL_CONTAINERS = ("model", "module", "model_state_dict", "state_dict")
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
 _STEP_IN_NAME = re.compile(r"(?:step|global_step|checkpoint|ckpt|iter)[-_]?(\d+)$")
 _STEP_KEYS = ("train_state.step", "step", "trainer.step")
@@ -136,6 +127,7 @@ class _Chunk:
 class DCPFolder(Checkpoint):
     format = "dcp"
     describes = "a torch.distributed.checkpoint folder (.metadata + *.distcp)"
+    uses = frozenset({"container", "trust_pickle"})
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
@@ -318,11 +310,10 @@ class DCPFolder(Checkpoint):
                                   f" metadata says {list(chunk.sizes)} x {chunk.dtype}",
                                   "the metadata and the data disagree; use another checkpoint")
 
-    def _locate(self, chunk: _Chunk) -> tuple[int, int] | None:
-        """(absolute offset, nbytes) of the chunk's values if stored raw and contiguous."""
+    def _locate(self, chunk: _Chunk) -> Span | None:
+        """Where the chunk's values are in its file, if stored raw and contiguous."""
         t = self._record(chunk)
-        where = None if t is None else byte_range(t, chunk.file, chunk.fqn)
-        return None if where is None else where[1:]
+        return None if t is None else span_of(t, chunk.file, chunk.fqn)
 
     def _load_chunk(self, chunk: _Chunk) -> torch.Tensor:
         """The chunk as a CPU tensor: its record's bytes, or DCP's stream transforms undone."""
@@ -352,12 +343,31 @@ class DCPFolder(Checkpoint):
         chunks = self._chunks[key]
         if len(chunks) != 1 or chunks[0].sizes != tuple(self._md[key].size):
             return None
-        loc = self._locate(chunks[0])
-        return None if loc is None else Span(chunks[0].file, *loc)
+        return self._locate(chunks[0])
+
+    def pieces(self, key: str) -> list[Piece] | None:
+        """One piece per chunk when every chunk is stored raw and fills a contiguous region of
+        the tensor (a row block: how FSDP shards); None otherwise (see `_copy_into`)."""
+        md = self._md[key]
+        dtype = md.properties.dtype
+        # Where each chunk's region starts in the tensor's bytes, from a tensor without memory.
+        layout = torch.empty(tuple(md.size), dtype=dtype, device="meta")
+        pieces = []
+        for chunk in self._chunks[key]:
+            loc = self._locate(chunk)
+            region = chunk.region(layout)
+            if loc is None or not region.is_contiguous():
+                return None
+            pieces.append(Piece(loc.file, loc.offset, loc.nbytes, region.storage_offset() * dtype.itemsize))
+        return pieces
 
     # -- checks and reads ----------------------------------------------------------
     def validate(self, keys: Iterable[str]) -> None:
-        """Every file the keys need exists and is long enough, and every record parses."""
+        """Every file the keys need exists and is long enough, and every record parses.
+
+        DCP's own check in place of the base one: it names the rank of a missing file, and
+        holds each whole record (which holds the values) against its file.
+        """
         self._validate_chunks([c for k in keys for c in self._chunks[k]])
 
     def _validate_chunks(self, needed: list[_Chunk]) -> None:
@@ -386,41 +396,29 @@ class DCPFolder(Checkpoint):
         self.validate([key])
         return super().tensor(key)
 
-    def read_into(
-        self,
-        requests: Sequence[tuple[str, torch.Tensor]],
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> None:
-        """Fill each `out` with `key`, chunk by chunk, reading raw bytes wherever possible.
-
-        A chunk whose region of `out` is contiguous (a row block: how FSDP shards) is
-        pread straight into it, all such reads grouped by file in offset order. Other
-        regions go through a temporary of one chunk, so extra memory stays one chunk.
-        """
-        direct: dict[str, list[tuple[Span, torch.Tensor]]] = {}
-        for key, out in requests:
-            meta = self.meta(key)
-            assert out.device.type == "cpu" and out.is_contiguous(), key
-            assert out.dtype == meta.dtype and out.numel() == meta.numel, key
-            full = out.view(meta.shape)
-            for chunk in self._chunks[key]:
-                region = chunk.region(full)
-                loc = self._locate(chunk)
-                if loc is not None and region.is_contiguous():
-                    direct.setdefault(chunk.file, []).append((Span(chunk.file, *loc), region))
-                    continue
-                if loc is not None:
-                    tmp = torch.empty(chunk.sizes, dtype=meta.dtype)
-                    self.bytes_read += read_spans(chunk.file, [(Span(chunk.file, *loc), tmp)], on_bytes)
-                else:
-                    tmp = self._load_chunk(chunk)
-                    self.bytes_read += tmp.numel() * tmp.element_size()
-                    if on_bytes:
-                        on_bytes(tmp.numel() * tmp.element_size())
-                region.copy_(tmp)
-        for file, items in direct.items():
-            items.sort(key=lambda item: item[0].offset)
-            self.bytes_read += read_spans(file, items, on_bytes)
+    def _copy_into(self, key: str, out: torch.Tensor, on_bytes: Callable[[int], None] | None) -> int:
+        """Fill `out` chunk by chunk: a chunk whose region of `out` is contiguous is pread
+        straight into it; a strided region (a column shard) or a transformed record
+        (compressed) goes through a temporary of one chunk, so extra memory stays one chunk."""
+        meta = self.meta(key)
+        full = out.view(meta.shape)
+        got = 0
+        for chunk in self._chunks[key]:
+            region = chunk.region(full)
+            loc = self._locate(chunk)
+            if loc is not None and region.is_contiguous():
+                got += read_spans(loc.file, [(loc, region)], on_bytes)
+                continue
+            if loc is not None:
+                tmp = torch.empty(chunk.sizes, dtype=meta.dtype)
+                got += read_spans(loc.file, [(loc, tmp)], on_bytes)
+            else:
+                tmp = self._load_chunk(chunk)
+                got += tmp.numel() * tmp.element_size()
+                if on_bytes:
+                    on_bytes(tmp.numel() * tmp.element_size())
+            region.copy_(tmp)
+        return got
 
     def _materialize(self, key: str) -> torch.Tensor:
         return self.tensor(key)

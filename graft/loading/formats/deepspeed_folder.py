@@ -37,22 +37,14 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
 from graft._logging import get_logger
 from graft.errors import CheckpointError
-from graft.loading.formats.base import (
-    Checkpoint,
-    OpenOptions,
-    Span,
-    TensorMeta,
-    check_spans_fit,
-    file_sizes,
-    read_spans,
-)
-from graft.loading.formats.torch_zip import Archive, byte_range, check_tensors, read_tensor, stand_in
+from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
+from graft.loading.formats.reading import Piece, Span
+from graft.loading.formats.torch_zip import Archive, check_tensors, read_tensor, span_of, stand_in
 
 log = get_logger(__name__)
 MASTER = "fp32 master copy (optimizer partitions)"
@@ -79,32 +71,16 @@ _DS_GLOBALS = [
 ]
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """`nbytes` bytes at `offset` of `file` fill bytes [dest, dest + nbytes) of the tensor."""
-
-    file: str
-    offset: int
-    nbytes: int
-    dest: int
-
-
 @dataclass
 class _Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     origin: str
     """Where the value comes from, for people: MASTER or a module copy in a named file."""
-    pieces: list[_Piece] | None
+    pieces: list[Piece] | None
     """None: the tensor has no plain byte range (non-contiguous); read through a mapping."""
     module_file: str | None = None
     """For module tensors: the model-states file whose 'module' holds them."""
-
-
-def _tensor_offset(t: torch.Tensor, file, what: str) -> int | None:
-    """Where `t`'s bytes start in its torch zip file (meta-loaded), if they are one range."""
-    where = byte_range(t, file, what)
-    return None if where is None else where[1]
 
 
 def _numel(shape) -> int:
@@ -115,6 +91,7 @@ class DeepSpeedFolder(Checkpoint):
     format = "deepspeed"
     describes = ("a DeepSpeed checkpoint folder (save_dir with `latest` and global_stepN/, or a tag"
                  " folder with *mp_rank_00_model_states.pt)")
+    uses = frozenset({"tag", "allow_globals"})
 
     # -- discovery -----------------------------------------------------------------
     @classmethod
@@ -299,9 +276,9 @@ class DeepSpeedFolder(Checkpoint):
 
     # -- where each tensor's bytes are ---------------------------------------------------
     def _module_entry(self, file: Path, key: str, t: torch.Tensor) -> _Entry:
-        offset = _tensor_offset(t, file, key)
+        span = span_of(t, file, key)
         nbytes = t.numel() * t.element_size()
-        pieces = None if offset is None else [_Piece(str(file), offset, nbytes, 0)] if nbytes else []
+        pieces = None if span is None else [Piece(str(file), span.offset, nbytes, 0)] if nbytes else []
         return _Entry(tuple(t.shape), t.dtype, f"module copy ({file.name})", pieces, file.name)
 
     def _optim_groups(self, key: str) -> list[tuple[str, list[torch.Tensor]]]:
@@ -315,7 +292,7 @@ class DeepSpeedFolder(Checkpoint):
                 raise CheckpointError(file, f"has no {key!r} list of tensors (ZeRO stage {self.stage})",
                                       "the shard is damaged or from an unsupported DeepSpeed version")
             for i, g in enumerate(groups):
-                if _tensor_offset(g, file, f"{key}[{i}]") is None:
+                if span_of(g, file, f"{key}[{i}]") is None:
                     raise CheckpointError(file, f"stores {key!r} in a layout without byte offsets",
                                           "re-save the checkpoint with a current torch and DeepSpeed")
             out.append((str(file), list(groups)))
@@ -347,7 +324,7 @@ class DeepSpeedFolder(Checkpoint):
                     lo, hi = max(pos, start), min(pos + n, start + t.numel())
                     if lo < hi:
                         size = t.element_size()
-                        pieces.append(_Piece(file, _tensor_offset(t, file, key) + (lo - start) * size,
+                        pieces.append(Piece(file, span_of(t, file, key).offset + (lo - start) * size,
                                              (hi - lo) * size,
                                              (lo - pos) * size))
                 self._add_master(name, shape, parts[0][1].dtype, pieces, n)
@@ -392,7 +369,7 @@ class DeepSpeedFolder(Checkpoint):
                     if a < b:
                         size = t.element_size()
                         dest = r * per_rank + (a - lo)
-                        pieces.append(_Piece(file, _tensor_offset(t, file, key) + (a - start) * size,
+                        pieces.append(Piece(file, span_of(t, file, key).offset + (a - start) * size,
                                              (b - a) * size,
                                              dest * size))
             self._add_master(name, shape, dtype, pieces, n)
@@ -418,19 +395,19 @@ class DeepSpeedFolder(Checkpoint):
             for r, (file, frags) in enumerate(fragments):
                 t = frags.get(name)
                 want = max(0, min(per_rank, n - r * per_rank))
-                if t is None or t.numel() < want or (want and _tensor_offset(t, file, name) is None):
+                if t is None or t.numel() < want or (want and span_of(t, file, name) is None):
                     raise CheckpointError(file, f"lacks rank {r}'s slice of the frozen parameter {name!r}",
                                           "the shard is damaged; copy it again")
                 dtype = t.dtype
                 if want:
                     size = t.element_size()
-                    pieces.append(_Piece(str(file), _tensor_offset(t, file, name), want * size,
+                    pieces.append(Piece(str(file), span_of(t, file, name).offset, want * size,
                                          r * per_rank * size))
             self._entries[name] = _Entry(tuple(int(s) for s in shape), dtype or torch.float32,
                                          f"module copy (frozen_param_fragments of {world} zero_pp_rank_*_model_states.pt)",
                                          pieces)
 
-    def _add_master(self, name: str, shape, dtype: torch.dtype, pieces: list[_Piece], n: int) -> None:
+    def _add_master(self, name: str, shape, dtype: torch.dtype, pieces: list[Piece], n: int) -> None:
         got = sum(p.nbytes for p in pieces)
         if got != n * dtype.itemsize:
             raise CheckpointError(self.tag_dir, f"{name!r}: the fp32 partitions hold {got} of its"
@@ -467,38 +444,12 @@ class DeepSpeedFolder(Checkpoint):
             return Span(p.file, p.offset, p.nbytes)
         return None
 
-    def validate(self, keys: Iterable[str]) -> None:
-        spans = [(key, Span(p.file, p.offset, p.nbytes)) for key in keys for p in self._entries[key].pieces or ()]
-        check_spans_fit(spans, file_sizes({span.file for _, span in spans}))
+    def pieces(self, key: str) -> list[Piece] | None:
+        return self._entries[key].pieces
 
-    def read_into(
-        self,
-        requests: Sequence[tuple[str, torch.Tensor]],
-        on_bytes: Callable[[int], None] | None = None,
-    ) -> None:
-        """Each piece of each tensor is pread into its place in `out`, file by file in offset
-        order, so memory holds the destinations only, never a rank's whole partition."""
-        by_file: dict[str, list[tuple[Span, torch.Tensor]]] = defaultdict(list)
-        for key, out in requests:
-            e = self._entries[key]
-            assert out.device.type == "cpu" and out.is_contiguous(), key
-            assert out.dtype == e.dtype and out.numel() == _numel(e.shape), key
-            if e.pieces is None:
-                out.copy_(self._mapped(e.module_file, key).reshape(out.shape))
-                n = out.numel() * out.element_size()
-                self.bytes_read += n
-                if on_bytes:
-                    on_bytes(n)
-                continue
-            flat = out.view(-1).view(torch.uint8) if out.numel() else out
-            for p in e.pieces:
-                by_file[p.file].append((Span(p.file, p.offset, p.nbytes), flat[p.dest : p.dest + p.nbytes]))
-        for file, items in by_file.items():
-            items.sort(key=lambda item: item[0].offset)
-            self.bytes_read += read_spans(file, items, on_bytes)
-
-    def _mapped(self, file_name: str, key: str) -> torch.Tensor:
+    def _materialize(self, key: str) -> torch.Tensor:
         """A module tensor without a plain byte range: read the bytes its view spans."""
+        file_name = self._entries[key].module_file
         if file_name not in self._modules:
             obj = self._load_meta(self.tag_dir / file_name)
             self._modules[file_name] = obj["module"]

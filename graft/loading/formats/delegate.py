@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from graft.loading.formats.base import Checkpoint, Span, TensorMeta
+from graft.loading.formats.base import Checkpoint, TensorMeta
+from graft.loading.formats.reading import Piece, Span
 
 
 class Delegating(Checkpoint):
@@ -30,8 +31,14 @@ class Delegating(Checkpoint):
         inner = {k: v for k, v in self.inner.info().items() if k not in ("format", "path", "source")}
         return {f"weights_{k}": v for k, v in inner.items() if v is not None and k != "metadata"}
 
+    def options_used(self) -> frozenset[str]:
+        return self.uses | self.inner.options_used()
+
     def span(self, key: str) -> Span | None:
         return self.inner.span(key)
+
+    def pieces(self, key: str) -> list[Piece] | None:
+        return self.inner.pieces(key)
 
     def _materialize(self, key: str) -> torch.Tensor:
         return self.inner._materialize(key)

@@ -17,7 +17,8 @@ from pathlib import Path
 from graft._logging import get_logger
 from graft.checkpointing import layout
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
+from graft.loading.formats.reading import Span
 from graft.loading.formats.safetensors_file import SafetensorsFile
 
 log = get_logger(__name__)
@@ -33,6 +34,7 @@ class GraftRun(Checkpoint):
     folder that fails the check is refused."""
 
     format = "graft"
+    uses = frozenset({"verify"})
     describes = "a graft run checkpoint folder (manifest.json) or a run folder (checkpoints/)"
 
     @classmethod
@@ -41,7 +43,7 @@ class GraftRun(Checkpoint):
 
     def __init__(self, path, options: OpenOptions | None):
         super().__init__(path, options or OpenOptions())
-        self.verify = self.options.extra.get("verify", "sha256")
+        self.verify = self.options.verify
         if self.verify not in VERIFY:
             raise CheckpointError(self.path, f"verify={self.verify!r} is not a run-checkpoint check",
                                   f"use one of {list(VERIFY)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from graft.errors import CheckpointError
 from graft.loading.formats.base import OpenOptions
 from graft.loading.formats.delegate import Delegating
+from graft.loading.formats.registry import open_checkpoint
 
 # transformers' names, safest first (safetensors before pickles, an index before a lone shard).
 WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -62,8 +63,6 @@ class TransformersFolder(Delegating):
         if self.weights is None:
             raise CheckpointError(self.folder, f"holds no weights under transformers' names ({', '.join(WEIGHTS)})",
                                   "point at the folder save_pretrained or the Trainer wrote")
-        from graft.loading.formats import open_checkpoint
-
         self.inner = open_checkpoint(self.folder / self.weights, options)
         where = self.folder.relative_to(self.path) / self.weights if self.folder != self.path else self.weights
         self.source = str(where) + (f" ({self.inner.source})" if self.inner.source else "")

@@ -19,7 +19,11 @@ from pathlib import Path
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta, checkpoint_errors
+from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
+from graft.loading.formats.failures import checkpoint_errors
+from graft.loading.formats.reading import Span
+from graft.loading.formats.registry import open_checkpoint
+from graft.loading.formats.torch_file import TorchFile
 
 # What a shard may be: one file of tensors (never another index or a folder format).
 SHARD_FORMATS = ("safetensors", "torch")
@@ -94,8 +98,6 @@ class HFIndex(Checkpoint):
     def shard(self, file: str) -> Checkpoint:
         """The reader of one shard, opened on first use."""
         if file not in self._shards:
-            from graft.loading.formats import open_checkpoint
-
             with checkpoint_errors(file):
                 shard = open_checkpoint(file, self.options)
             if shard.format not in SHARD_FORMATS:  # e.g. an index naming itself: endless recursion
@@ -126,6 +128,12 @@ class HFIndex(Checkpoint):
 
     def _materialize(self, key: str):
         return self.shard(self._shard_of[key])._materialize(key)
+
+    def options_used(self) -> frozenset[str]:
+        # The shards are opened with the same options: torch shards use the torch file's.
+        if all(file.endswith(".safetensors") for file in self._shard_of.values()):
+            return self.uses
+        return self.uses | TorchFile.uses
 
     def info(self) -> dict:
         files = sorted(set(self._shard_of.values()))

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
-from graft.loading.formats.base import OpenOptions, checkpoint_errors
+from graft.loading.formats.base import OpenOptions
 from graft.loading.formats.delegate import Delegating
+from graft.loading.formats.failures import checkpoint_errors
+from graft.loading.formats.registry import open_checkpoint
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -24,6 +26,7 @@ WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 class PeftAdapter(Delegating):
     format = "peft"
     describes = "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+    uses = frozenset({"adapter_name"})
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
@@ -31,8 +34,6 @@ class PeftAdapter(Delegating):
 
     def __init__(self, path, options: OpenOptions):
         super().__init__(path, options)
-        from graft.loading.formats import open_checkpoint
-
         if not self.path.is_dir():
             raise CheckpointError(self.path, "is not a folder; PEFT adapters are folders",
                                   "point at the folder PeftModel.save_pretrained wrote, or leave format=None")
@@ -44,7 +45,7 @@ class PeftAdapter(Delegating):
                                   "copy the adapter's weights file into the folder")
         self.inner = open_checkpoint(self.path / self.weights, options)
         self.source = self.weights
-        self.adapter_name = options.extra.get("adapter_name")
+        self.adapter_name = options.adapter_name
 
     def info(self) -> dict:
         keep = ("peft_type", "r", "lora_alpha", "target_modules", "modules_to_save", "base_model_name_or_path",

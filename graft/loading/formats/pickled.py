@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from graft.errors import CheckpointError
+from graft.loading.formats.registry import detect
 from graft.loading.formats.torch_zip import blocked_global
 
 # Plain attribute bags that training scripts pickle beside the weights (timm's train.py saves
@@ -129,8 +130,6 @@ def what_it_is(obj) -> str | None:
 
 def weights_beside(path: Path) -> str:
     """The way out for a non-model file: the checkpoint it belongs to, when graft can tell."""
-    from graft.loading.formats import detect
-
     folder = path.parent
     reader = detect(folder)
     if reader is not None:

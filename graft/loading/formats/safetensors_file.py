@@ -30,7 +30,8 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
+from graft.loading.formats.reading import Span
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

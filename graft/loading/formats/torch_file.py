@@ -15,27 +15,16 @@ from pathlib import Path
 import torch
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import Checkpoint, OpenOptions, Span, TensorMeta
+from graft.loading.formats.base import CONTAINER_KEYS, Checkpoint, OpenOptions, TensorMeta
 from graft.loading.formats.pickled import (
     INERT_BY_DEFAULT, allow_patterns, global_name, is_module, load_with_stand_ins, module_tensors, not_a_model,
 )
+from graft.loading.formats.reading import Span
 from graft.loading.formats.torch_zip import (
-    MAGIC, Archive, blocked_global, byte_range, check_view, is_archive, read_tensor, stand_in, stored,
+    MAGIC, Archive, blocked_global, check_view, is_archive, read_tensor, span_of, stand_in, stored,
 )
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
-# Where training code usually keeps the model's state dict, in the order we look.
-CONTAINER_KEYS = (
-    "state_dict",
-    "model_state_dict",
-    "model",
-    "module",
-    "net",
-    "network",
-    "model_state",
-    "params",
-    "weights",
-)
 _LEGACY_MAGIC = b"\x80"  # a pickle protocol byte: torch files before the zip format
 __all__ = ["TorchFile", "find_state_dict", "safe_load", "stand_in", "blocked_global"]
 
@@ -134,6 +123,7 @@ def safe_load(path: Path, *, map_location, mmap: bool, allow_globals=(), trust_p
 class TorchFile(Checkpoint):
     format = "torch"
     describes = "a torch.save file (.pt .pth .bin .ckpt)"
+    uses = frozenset({"container", "allow_globals", "trust_pickle"})
 
     @classmethod
     def can_open(cls, path: Path) -> bool:
@@ -223,10 +213,7 @@ class TorchFile(Checkpoint):
         return {**super().info(), "container": self.source}
 
     def span(self, key: str) -> Span | None:
-        if not self._zip:
-            return None
-        where = byte_range(self._tensors[key], self.path, key)
-        return None if where is None else Span(*where)
+        return span_of(self._tensors[key], self.path, key) if self._zip else None
 
     def _materialize(self, key: str) -> torch.Tensor:
         if not self._zip:

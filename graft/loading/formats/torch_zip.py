@@ -14,7 +14,7 @@ Every fault of the untrusted structure (zip directory, headers, pickle, sizes) i
 `CheckpointError` naming the file, the problem and the way out. The pickle is read with
 torch's `weights_only` unpickler (`trust_pickle=True` is the only way to plain pickle), so
 no code from the file runs, and all tensors come back on the meta device, their storages
-tagged with the byte range that holds them (`stored(t)`); `byte_range` and `read_tensor`
+tagged with the byte range that holds them (`stored(t)`); `span_of` and `read_tensor`
 turn that into bytes. Archives may sit inside a larger file (a DCP `.distcp` file holds one
 per chunk): `start` and `length` give the window.
 """
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from graft.errors import CheckpointError
-from graft.loading.formats.base import writable_buffer
+from graft.loading.formats.reading import Span, writable_buffer
 
 MAGIC = b"PK\x03\x04"
 CORRUPT = "the file is corrupt or truncated; write or copy it again"
@@ -502,13 +502,13 @@ def _check_view(t: torch.Tensor, path, key: str) -> Stored:
     return s
 
 
-def byte_range(t: torch.Tensor, path, key: str) -> tuple[str, int, int] | None:
-    """(file, absolute offset, nbytes) of a contiguous, little-endian tensor's values; None
-    when they are not one plain byte range (then `read_tensor`)."""
+def span_of(t: torch.Tensor, path, key: str) -> Span | None:
+    """Where in its file a contiguous, little-endian tensor's values are; None when they are
+    not one plain byte range (then `read_tensor`)."""
     s = check_view(t, path, key)
     if not t.is_contiguous() or _needs_swap(s, t):
         return None
-    return s.file, s.offset + t.storage_offset() * t.element_size(), t.numel() * t.element_size()
+    return Span(s.file, s.offset + t.storage_offset() * t.element_size(), t.numel() * t.element_size())
 
 
 def read_tensor(t: torch.Tensor, path, key: str) -> torch.Tensor:

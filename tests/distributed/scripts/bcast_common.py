@@ -9,13 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from graft.models import tiny_vgg, tiny_vgg_rnn3
+from graft.models import tiny_vgg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ (checks)
+import checks  # noqa: E402
 
 SEED = 1234
 MISSING = "/nonexistent/graft-test/never-here.safetensors"
@@ -31,11 +35,10 @@ def expected_state(**kwargs) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in source_model(**kwargs).state_dict().items()}
 
 
-def changed_model(rank: int, **kwargs) -> torch.nn.Module:
-    """The model with rnn3, seeded differently on each rank: only the broadcast can make
-    the new block equal everywhere."""
-    torch.manual_seed(100 + rank)
-    return tiny_vgg_rnn3(**kwargs)
+def changed_model(rank: int, num_classes: int = 10, **kwargs) -> torch.nn.Module:
+    """checks.changed_model (rnn3; the source's 10 classes unless told), seeded differently on
+    each rank (100 + rank): only the broadcast can make the new block equal everywhere."""
+    return checks.changed_model(seed=100 + rank, num_classes=num_classes, **kwargs)
 
 
 def digest(tensors) -> str:

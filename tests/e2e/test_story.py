@@ -1,4 +1,6 @@
-"""The user's story on the real VGG16 shape: train 1000 classes, add rnn3, resize to 102, graft."""
+"""The user's story on the real VGG16 shape: train 1000 classes, add rnn3, resize to 102, graft.
+
+Here rather than in tests/unit for its size: two 138M-parameter models per test, seconds each."""
 
 import pytest
 import torch
