@@ -24,8 +24,14 @@ every rank of the saving run has its shard file listed. Nothing else is trusted.
 Version 1 (before sharded saves: one gathered `model.safetensors`, sha256 hashes) is still
 read by `graft.open`; the trainer resumes only version 2.
 
-This module imports nothing of graft but the errors, so the loading core (graft.open's reader),
-the trainer and the launcher can all import it.
+A run folder may also be an s3:// prefix (`graft.storage.S3Path`): every function here takes
+either. Object stores have no rename, so there the folders are written under their final names
+and the manifest object, uploaded last, is the commit; "complete" is decided the same way.
+Hashes on S3: see `problem`.
+
+This module imports nothing of graft but the errors and `graft.storage` (itself light: its
+client library is imported on first use), so the loading core (graft.open's reader), the
+trainer and the launcher can all import it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
+from graft.storage import S3Path, as_path, is_remote, open_file
 from graft.loading.formats.base import dtype_name
 
 # -- folders of a run ------------------------------------------------------------------
@@ -136,9 +143,14 @@ def sort_key(name: str) -> tuple[int, int, int]:
     return int(m.group(1)), m.group(2) is not None, int(m.group(2) or 0)
 
 
-def candidates(run_dir: str | Path) -> list[Path]:
-    """Checkpoint folders of a run (complete or not), newest first; temp and trash folders excluded."""
-    root = Path(run_dir) / CHECKPOINTS
+RunPath = Path | S3Path
+"""A run or checkpoint folder: local, or an s3:// prefix."""
+
+
+def candidates(run_dir: str | RunPath) -> list[RunPath]:
+    """Checkpoint folders of a run (complete or not), newest first; temp and trash folders excluded.
+    On S3 the listing is the cached one (`S3Path.refresh()` first for a fresh one)."""
+    root = as_path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)]
@@ -163,9 +175,10 @@ def new_hasher(algo: str = HASH):
     return hashlib.new(algo)
 
 
-def hash_file(path: str | Path, algo: str = HASH, chunk: int = 8 << 20) -> str:
+def hash_file(path: str | RunPath, algo: str = HASH, chunk: int = 8 << 20) -> str:
+    """The hash of a whole file (an s3:// object is downloaded for it: `problem` avoids that)."""
     h = new_hasher(algo)
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -211,13 +224,20 @@ class FileEntry:
     hash: str
     algo: str
     rank: int | None = None
+    etag: str | None = None
+    """The object's ETag when it was saved to S3 (None on disk): the check `problem` makes there."""
+
+
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compared without their quotes (S3 quotes them; some clients strip them)."""
+    return a is not None and b is not None and a.strip('"') == b.strip('"')
 
 
 @dataclass
 class Manifest:
     """The parsed manifest.json of one checkpoint (either version)."""
 
-    folder: Path
+    folder: RunPath
     version: int
     files: dict[str, FileEntry]
     tensors: dict[str, TensorEntry]
@@ -255,8 +275,9 @@ def parse_manifest(folder: Path, raw: dict) -> Manifest:
         files = {}
         for rel, e in raw["files"].items():
             algo = "sha256" if "sha256" in e else e["algo"]
+            etag = e.get("etag")
             files[rel] = FileEntry(int(e["size"]), str(e["sha256"] if algo == "sha256" else e["hash"]), algo,
-                                   e.get("rank"))
+                                   e.get("rank"), str(etag) if etag is not None else None)
         tensors = {}
         for name, t in (raw.get("tensors") or {}).items():
             tensors[name] = TensorEntry(tuple(int(s) for s in t["shape"]), parse_dtype(t["dtype"]),
@@ -274,15 +295,21 @@ def manifest_json(files: dict[str, FileEntry], tensors: dict[str, TensorEntry], 
     return {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "world_size": world_size, "strategy": strategy,
         **info,
-        "files": {rel: {"size": e.size, "algo": e.algo, "hash": e.hash, "rank": e.rank} for rel, e in files.items()},
+        "files": {rel: {"size": e.size, "algo": e.algo, "hash": e.hash, "rank": e.rank,
+                        **({"etag": e.etag} if e.etag is not None else {})} for rel, e in files.items()},
         "tensors": {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype),
                            "pieces": [[p.file, p.offset, p.start, p.stop] for p in t.pieces]}
                     for name, t in tensors.items()},
     }
 
 
-def read_manifest(folder: str | Path) -> Manifest:
-    folder = Path(folder)
+def read_manifest(folder: str | RunPath) -> Manifest:
+    folder = as_path(folder)
+    if isinstance(folder, S3Path) and not (folder / MANIFEST).is_file():
+        # A missing object is a CheckpointError of graft.storage ("no such object"), not a
+        # FileNotFoundError: say what it means here (the listing is cached, so no extra request).
+        raise CheckpointError(folder, f"has no {MANIFEST}: the save did not finish",
+                              "use an older checkpoint (--resume auto skips this one)")
     try:
         # The bounded parser (no NaN, duplicate keys, deep nesting...): the manifest is the root of
         # every check, so it is read as untrusted as any checkpoint file.
@@ -298,9 +325,20 @@ def read_manifest(folder: str | Path) -> Manifest:
 
 # -- completeness ----------------------------------------------------------------------
 
-def problem(folder: str | Path, hashes: bool = True) -> str | None:
-    """Why `folder` is not a complete checkpoint (None when it is): manifest, files, sizes, hashes."""
-    folder = Path(folder)
+def problem(folder: str | RunPath, hashes: bool = True) -> str | None:
+    """Why `folder` is not a complete checkpoint (None when it is): manifest, files, sizes, hashes.
+
+    On S3, `hashes` checks each object's ETag against the one the save recorded, not the
+    content hash: hashing means downloading every byte of the checkpoint on the rank that
+    picks it, while a resume reads only each rank's own ranges (1/N of it per rank). The
+    ETag, which the LIST that finds the files returns anyway, is the server's fingerprint of
+    the object as uploaded: it changes when an object is replaced or re-uploaded after the
+    commit (a second writer, a partial copy), which is what a disk's hash catches there that
+    sizes do not; bit rot inside the store is the store's own checksums' job. The BLAKE3
+    hashes stay in the manifest: `hash_file` verifies a downloaded copy.
+    """
+    folder = as_path(folder)
+    remote = isinstance(folder, S3Path)
     try:
         m = read_manifest(folder)
     except CheckpointError as e:
@@ -309,9 +347,11 @@ def problem(folder: str | Path, hashes: bool = True) -> str | None:
         f = folder / rel
         if not f.is_file():
             return f"{rel} is missing"
-        size = f.stat().st_size
-        if size != want.size:
-            return f"{rel} has {size} bytes, the manifest says {want.size}"
+        stat = f.stat()
+        if stat.st_size != want.size:
+            return f"{rel} has {stat.st_size} bytes, the manifest says {want.size}"
+        if remote and hashes and want.etag is not None and not same_etag(stat.etag, want.etag):
+            return f"{rel} was replaced after the save (ETag {stat.etag}, the manifest says {want.etag})"
     if m.version == LEGACY_VERSION:
         if LEGACY_MODEL not in m.files:
             return f"the manifest lists no {LEGACY_MODEL}"
@@ -325,7 +365,7 @@ def problem(folder: str | Path, hashes: bool = True) -> str | None:
             unlisted = {p.file for p in t.pieces} - set(m.files)
             if unlisted:
                 return f"{name} has pieces in {sorted(unlisted)[0]}, which the manifest does not list"
-    if hashes:
+    if hashes and not remote:
         rels = list(m.files)
         # Files hashed side by side: the hashers release the GIL, and a hash of one core is
         # slower than a cold sequential read.
@@ -338,7 +378,7 @@ def problem(folder: str | Path, hashes: bool = True) -> str | None:
     return None
 
 
-def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_complete(run_dir: str | RunPath, hashes: bool = True) -> tuple[RunPath | None, list[tuple[RunPath, str]]]:
     """(newest complete checkpoint or None, [(skipped newer folder, why)])."""
     skipped = []
     for folder in candidates(run_dir):
@@ -349,10 +389,10 @@ def newest_complete(run_dir: str | Path, hashes: bool = True) -> tuple[Path | No
     return None, skipped
 
 
-def resolve(path: str | Path, hashes: bool = True) -> tuple[Path, list[tuple[Path, str]]]:
+def resolve(path: str | RunPath, hashes: bool = True) -> tuple[RunPath, list[tuple[RunPath, str]]]:
     """The checkpoint folder `path` names (itself, or a run folder's newest complete checkpoint)
     and the newer folders of the run skipped on the way, each with why."""
-    path = Path(path)
+    path = as_path(path)
     if is_run_dir(path) and not (path / MANIFEST).exists():
         folder, skipped = newest_complete(path, hashes=hashes)
         if folder is None:

@@ -13,12 +13,11 @@ in tests/unit/test_convert.py.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from convert_checks import assert_bitwise, read_back
-from launch import REPO, graft_launch, torchrun
+from launch import REPO, torchrun
 from safetensors.torch import load_file
 
 import graft
@@ -29,22 +28,9 @@ TARGETS = {"safetensors": "out.safetensors", "hf": "hf", "torch": "out.pth", "dc
 SOURCES = ("zero3", "fsdp2_dcp", "accelerate")
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor], bool]]:
-    """name -> (checkpoint, the weights the writer held, whether the model has BatchNorm)."""
-    ds = tmp_path_factory.mktemp("zero3")
-    torchrun(SCRIPTS / "deepspeed_write.py", ds, 3, timeout=600)
-    fsdp = tmp_path_factory.mktemp("fsdp2")
-    torchrun(SCRIPTS / "dcp_fsdp2_save.py", fsdp, timeout=300)
-    acc = tmp_path_factory.mktemp("accelerate")
-    graft_launch(SCRIPTS / "accelerate_save.py", acc, strategy="ddp", timeout=300)  # as `graft train` starts DDP
-    zero3_truth = torch.load(ds / "stage3/expected.pt", weights_only=True)
-    assert zero3_truth["frozen"]  # frozen parameters are part of what must come through
-    return {
-        "zero3": (ds / "stage3", zero3_truth["state_dict"], True),
-        "fsdp2_dcp": (fsdp / "top", load_file(fsdp / "final.safetensors"), False),
-        "accelerate": (acc / "state", load_file(acc / "final_a.safetensors"), False),
-    }
+@pytest.fixture
+def sources(real_sources):
+    return real_sources  # written once per session (tests/distributed/conftest.py)
 
 
 @pytest.mark.parametrize("to", TARGETS)

@@ -12,7 +12,6 @@ weights of one model (`model_index`) and hands them to the reader of that file
 
 from __future__ import annotations
 
-import os
 import pickletools
 import re
 import zipfile
@@ -22,6 +21,7 @@ from graft.errors import CheckpointError
 from graft.loading.formats.base import OpenOptions
 from graft.loading.formats.delegate import Delegating
 from graft.loading.formats.registry import open_checkpoint
+from graft.storage import as_path
 
 # Accelerate's own names for the files of save_state (accelerate.utils.constants).
 _RNG_FILE = re.compile(r"random_states_(\d+)\.pkl$")
@@ -40,7 +40,7 @@ def weight_candidates(i: int) -> list[str]:
 
 def find_models(folder: Path) -> list[list[str]]:
     """For each model index in the folder, the weight names present (first one is used)."""
-    names = set(os.listdir(folder))
+    names = {p.name for p in as_path(folder).iterdir()}
     models = []
     while found := [n for n in weight_candidates(len(models)) if n in names]:
         models.append(found)
@@ -77,7 +77,7 @@ class AccelerateFolder(Delegating):
     def can_open(cls, path: Path) -> bool:
         if not path.is_dir():
             return False
-        names = os.listdir(path)
+        names = [p.name for p in path.iterdir()]
         if not find_models(path):
             return False
         if any(_STATE_MARKERS.match(n) for n in names):
@@ -92,7 +92,7 @@ class AccelerateFolder(Delegating):
         if not self.path.is_dir():
             raise CheckpointError(self.path, "is not a folder; accelerate's save_state/save_model write folders",
                                   "point at the folder, or leave format=None")
-        names = os.listdir(self.path)
+        names = [p.name for p in self.path.iterdir()]
         self.models = find_models(self.path)
         if not self.models:
             raise CheckpointError(self.path, f"holds no model weights under accelerate's names"

@@ -23,6 +23,7 @@ import torch
 
 from graft.loading.formats.failures import checkpoint_errors
 from graft.loading.formats.reading import Piece, Span, check_spans_fit, file_sizes, read_spans
+from graft.storage import as_path
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,7 +118,7 @@ class Checkpoint(ABC):
     """The `OpenOptions` fields this reader reads; `graft.open` warns about others given."""
 
     def __init__(self, path: str | os.PathLike, options: OpenOptions):
-        self.path = Path(path)
+        self.path = as_path(path)
         self.options = options
         self.source: str | None = None
         """Where inside the checkpoint the weights came from (container key, master copy...)."""

@@ -29,6 +29,7 @@ from graft.errors import CheckpointError
 from graft.loading.formats.base import MODEL_CONTAINERS, Checkpoint, OpenOptions, TensorMeta
 from graft.loading.formats.reading import Piece, Span, check_spans_fit, file_sizes, read_spans
 from graft.loading.formats.torch_zip import Archive, check_view, read_tensor, span_of
+from graft.storage import as_path, open_file
 
 METADATA = ".metadata"
 # Top-level groups that training code saves beside the model; never offered as model keys.
@@ -84,7 +85,7 @@ def read_metadata(folder: Path, trust_pickle: bool = False):
                               "point at the folder dcp.save wrote (.metadata beside *.distcp files);"
                               " a save that stopped early never writes .metadata")
     try:
-        with open(path, "rb") as f:
+        with open_file(path) as f:
             md = pickle.load(f) if trust_pickle else _MetadataUnpickler(f).load()
     except OSError as e:
         raise CheckpointError(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
@@ -203,7 +204,7 @@ class DCPFolder(Checkpoint):
             # DCP records no world size; each rank writes its own __<rank>_<n>.distcp files.
             "world_size": max(ranks) + 1 if ranks else None,
             "files": len(files),
-            "missing_files": [Path(f).name for f in files if not os.path.exists(f)] or None,
+            "missing_files": [as_path(f).name for f in files if not as_path(f).exists()] or None,
             "dcp_version": getattr(self.metadata, "version", None),
             # A string, so `graft inspect` prints it: what the folder holds beside the model.
             "not_model": ", ".join(f"{g} ({v['tensors']} tensors, {v['other']} other)"
@@ -326,7 +327,7 @@ class DCPFolder(Checkpoint):
         from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
 
         try:
-            with open(chunk.file, "rb") as f:
+            with open_file(chunk.file) as f:
                 f.seek(chunk.offset)
                 raw = io.BytesIO(f.read(chunk.length))
             stream = io.BytesIO(_StorageReaderTransforms().transform_load_stream(
@@ -373,7 +374,7 @@ class DCPFolder(Checkpoint):
     def _validate_chunks(self, needed: list[_Chunk]) -> None:
         missing: dict[str, list[str]] = {}
         for c in needed:
-            if not os.path.isfile(c.file):
+            if not as_path(c.file).is_file():
                 missing.setdefault(c.file, []).append(c.fqn)
         if missing:
             first, fqns = next(iter(missing.items()))

@@ -12,7 +12,6 @@ own run folders do). Only the weights are opened, by the reader of their file.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ from graft.errors import CheckpointError
 from graft.loading.formats.base import OpenOptions
 from graft.loading.formats.delegate import Delegating
 from graft.loading.formats.registry import open_checkpoint
+from graft.storage import as_path
 
 # transformers' names, safest first (safetensors before pickles, an index before a lone shard).
 WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -41,7 +41,7 @@ def is_trainer_checkpoint(folder: Path) -> bool:
 def trainer_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """The `checkpoint-N` folders inside a Trainer output folder, newest (highest step) first."""
     try:
-        found = [(int(m.group(1)), folder / n) for n in os.listdir(folder) if (m := _CHECKPOINT.match(n))]
+        found = [(int(m.group(1)), folder / n) for n in [p.name for p in as_path(folder).iterdir()] if (m := _CHECKPOINT.match(n))]
     except OSError:
         return []
     return sorted((c for c in found if c[1].is_dir()), reverse=True)

@@ -24,6 +24,7 @@ from graft.loading.formats.failures import checkpoint_errors
 from graft.loading.formats.reading import Span
 from graft.loading.formats.registry import open_checkpoint
 from graft.loading.formats.torch_file import TorchFile
+from graft.storage import as_path
 
 # What a shard may be: one file of tensors (never another index or a folder format).
 SHARD_FORMATS = ("safetensors", "torch")
@@ -86,11 +87,11 @@ class HFIndex(Checkpoint):
                                   "regenerate the index with save_pretrained / save_model")
         folder = self.index_path.parent
         self._shard_of = {k: shard_path(self.index_path, folder, k, v) for k, v in weight_map.items()}
-        missing = sorted({f for f in self._shard_of.values() if not Path(f).is_file()})
+        missing = sorted({f for f in self._shard_of.values() if not as_path(f).is_file()})
         if missing:
             raise CheckpointError(
                 self.index_path,
-                f"names shard(s) that do not exist: {[Path(m).name for m in missing]}",
+                f"names shard(s) that do not exist: {[as_path(m).name for m in missing]}",
                 "copy the missing shard(s) next to the index, or fix the index's weight_map",
             )
         self._shards: dict[str, Checkpoint] = {}

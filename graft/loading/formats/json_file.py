@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 from graft.errors import CheckpointError
+from graft.storage import as_path, open_file
 
 MAX_BYTES = 64 << 20
 """Default cap on a JSON file's size; an index of a 10 000-shard model is a few MB."""
@@ -121,10 +121,12 @@ def parse(raw: bytes | str, source: str | os.PathLike, what: str, *, expect: typ
 
 def read(path: str | os.PathLike, what: str, *, expect: type = dict, max_bytes: int = MAX_BYTES) -> Any:
     """Parse the JSON file `path`, reading at most `max_bytes` of it (a bigger file is refused)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        # Sized by fstat, not by the cap: read(n) allocates n bytes before reading any.
-        raw = f.read(min(os.fstat(f.fileno()).st_size, max_bytes) + 1)
+    path = as_path(path)
+    with open_file(path) as f:
+        # Sized by the file, not by the cap: read(n) allocates n bytes before reading any.
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        raw = f.read(min(size, max_bytes) + 1)
     if len(raw) > max_bytes:
         raise CheckpointError(path, f"{what} is larger than {max_bytes} bytes, too large to be one",
                               "point graft at the checkpoint's real index or header")

@@ -4,7 +4,8 @@ Formats whose tensors are plain byte ranges of a file (safetensors, torch zip fi
 DeepSpeed fp32 partitions, DCP chunks...) describe them as `Span`s, or as several `Piece`s
 when one tensor is stored in parts. `read_spans` reads those bytes straight into the
 destination's memory, in file order, after telling the kernel exactly which ranges are
-coming (so read-ahead fetches nothing we discard). The reader interface (`base`), the
+coming (so read-ahead fetches nothing we discard); for an s3:// object it fetches exactly
+those byte ranges (graft.storage). The reader interface (`base`), the
 broadcast loader, the restore of graft runs and the converters all read through it.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats.failures import checkpoint_errors
+from graft.storage import S3Path, is_remote, read_ranges
 
 # Large reads are split so a progress bar moves and one syscall never exceeds Linux's
 # 2 GiB read cap.
@@ -46,6 +48,9 @@ def file_sizes(files: Iterable[str]) -> dict[str, int]:
     """The current size of each file (one fstat each), as CheckpointErrors if one cannot be opened."""
     sizes = {}
     for file in files:
+        if is_remote(file):  # the object's size as listed (or one HEAD); errors name the object
+            sizes[file] = S3Path(file).stat().st_size
+            continue
         with checkpoint_errors(file):
             fd = os.open(file, os.O_RDONLY)
             try:
@@ -84,7 +89,7 @@ _RUNAWAY, _SMALL_GAP = 32 << 20, 1 << 20
 
 def spans_are_dense(file: str, spans: Sequence[Span]) -> bool:
     """Whether reading `spans` sequentially wastes at most 3% on gaps and read-ahead runaway."""
-    if not spans:
+    if not spans or is_remote(file):  # object storage: no read-ahead to steer
         return True
     size = os.stat(file).st_size
     wanted = sum(s.nbytes for s in spans)
@@ -109,6 +114,11 @@ def read_spans(
     Any failure of the file system (permission, I/O error, the file gone) is a CheckpointError
     naming `file`, also when it is raised in the helper reader thread.
     """
+    if is_remote(file):
+        # Object storage: the planned ranges only, near ones merged, several GETs in flight,
+        # each landing in its tensor's memory (graft.storage.read_ranges).
+        return read_ranges(S3Path(file), [(span.offset, span.nbytes, writable_buffer(out)) for span, out in items],
+                           on_bytes)
     with checkpoint_errors(file):
         return _read_spans(file, items, on_bytes, dense)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from graft.errors import CheckpointError
 from graft.loading.formats.base import Checkpoint, OpenOptions
+from graft.storage import as_path
 
 READERS: list[type[Checkpoint]] = []
 """Every format, in the order `open_checkpoint` tries them (listed by the package)."""
@@ -25,7 +26,7 @@ def open_checkpoint(path: str | os.PathLike, options: OpenOptions | None = None,
                     format: str | None = None) -> Checkpoint:
     """Open `path` with the reader named by `format`, or the first whose `can_open` accepts it."""
     options = options or OpenOptions()
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         hint = "check the path"
         if path.parent.is_dir():

@@ -32,6 +32,7 @@ from graft.errors import CheckpointError
 from graft.loading.formats import json_file
 from graft.loading.formats.base import Checkpoint, OpenOptions, TensorMeta
 from graft.loading.formats.reading import Span
+from graft.storage import open_file
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -54,8 +55,9 @@ _REWRITE = "the file is corrupt; write or copy it again"
 
 def read_header(path: Path) -> tuple[int, dict, dict]:
     """(data start, {key: (dtype, shape, begin, end)}, __metadata__), all validated."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with open_file(path) as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
         if size < 8:
             raise CheckpointError(path, f"is {size} bytes, too short for a safetensors header",
                                   "the file is truncated or empty; write or copy it again")

@@ -23,6 +23,7 @@ from graft.loading.formats.reading import Span
 from graft.loading.formats.torch_zip import (
     MAGIC, Archive, blocked_global, check_view, is_archive, read_tensor, span_of, stand_in, stored,
 )
+from graft.storage import is_remote, open_file
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar")
 _LEGACY_MAGIC = b"\x80"  # a pickle protocol byte: torch files before the zip format
@@ -86,6 +87,8 @@ def safe_load(path: Path, *, map_location, mmap: bool, allow_globals=(), trust_p
     """`torch.load` with weights_only=True, for legacy (pre-zip) files only; every failure is
     a CheckpointError. Zip archives go through `torch_zip.Archive`, which locates each
     storage from its own record instead of torch's computed offsets."""
+    if is_remote(path):  # an object: torch reads the legacy stream from a ranged-read file
+        path, mmap = open_file(path), False
     if trust_pickle:
         load = lambda: torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)  # noqa: E731
     else:
@@ -132,7 +135,7 @@ class TorchFile(Checkpoint):
         if path.suffix in SUFFIXES:
             return True
         try:
-            with open(path, "rb") as f:
+            with open_file(path) as f:
                 head = f.read(4)
         except OSError:
             return False  # unreadable: the open that follows reports why

@@ -36,6 +36,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats.reading import Span, writable_buffer
+from graft.storage import S3Path, as_path, is_remote, open_file, read_ranges
 
 MAGIC = b"PK\x03\x04"
 CORRUPT = "the file is corrupt or truncated; write or copy it again"
@@ -78,7 +79,7 @@ class Stored:
 def is_archive(path: Path) -> bool:
     """A zip archive (torch >= 1.6) rather than the legacy pickle stream: by its first bytes,
     as torch decides."""
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         return f.read(4) == MAGIC
 
 
@@ -90,8 +91,14 @@ class Archive:
 
     def __init__(self, path: str | os.PathLike, start: int = 0, length: int | None = None,
                  context: str = ""):
-        self.path = Path(path)
+        self.path = as_path(path)
         self.context = context
+        # An s3:// object is read through one ranged-read file (its blocks cached, the local
+        # headers prefetched in one parallel batch); a local file with pread on a descriptor.
+        self._remote = open_file(self.path) if is_remote(self.path) else None
+        if self._remote is not None:
+            self._open_window(self._remote.size, start, length)
+            return
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
@@ -99,22 +106,24 @@ class Archive:
                                   "check that the file exists and that this user may read it") from e
         try:
             self._fd = fd
-            size = os.fstat(fd).st_size
-            if length is None:
-                length = size - start
-            if start < 0 or length < 0 or start + length > size:
-                self._fail(f"bytes [{start}, {start + length}) lie outside the file ({size} bytes)")
-            self.start, self.length = start, length
-            try:
-                self.records = self._parse()
-                self._check_torch_records()
-            except CheckpointError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a case the checks above missed is still the file's
-                self._fail(f"has a damaged zip structure ({type(e).__name__}: {e})", cause=e)
+            self._open_window(os.fstat(fd).st_size, start, length)
         finally:
             self._fd = None
             os.close(fd)
+
+    def _open_window(self, size: int, start: int, length: int | None) -> None:
+        if length is None:
+            length = size - start
+        if start < 0 or length < 0 or start + length > size:
+            self._fail(f"bytes [{start}, {start + length}) lie outside the file ({size} bytes)")
+        self.start, self.length = start, length
+        try:
+            self.records = self._parse()
+            self._check_torch_records()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a case the checks above missed is still the file's
+            self._fail(f"has a damaged zip structure ({type(e).__name__}: {e})", cause=e)
 
     # -- errors and reads -----------------------------------------------------------
     def _fail(self, problem: str, way_out: str = CORRUPT, cause: BaseException | None = None):
@@ -127,6 +136,13 @@ class Archive:
         """n bytes at `offset` of the window; short reads are faults of the archive."""
         if offset < 0 or n < 0 or offset + n > self.length:
             self._fail(f"needs bytes [{offset}, {offset + n}) of a {self.length}-byte archive")
+        if self._remote is not None:
+            self._remote.seek(self.start + offset)
+            got = self._remote.read(n)
+            if len(got) != n:
+                self._fail(f"ends at byte {self.start + offset + len(got)}, before the {n} bytes"
+                           f" at {self.start + offset} it needs")
+            return got
         fd = self._fd  # open while the structure is parsed; later reads open the file again
         own = fd is None
         try:
@@ -228,12 +244,19 @@ class Archive:
                            "re-pack the archive with ZIP_STORED, or load and save it again with torch.save")
             if csize != usize:
                 self._fail(f"record {name!r}: stored size {csize} != size {usize}")
-            data = self._local(name, header, usize, cd_offset)
-            records[name] = Record(name, self.start + data, usize, crc)
             order.append(name)
-            spans.append((header, data + usize, name))
+            records[name] = Record(name, header, usize, crc)  # data offset: from the local header, below
         if p != cd_size:
             self._fail(f"has {cd_size - p} unexplained bytes in its central directory")
+        if self._remote is not None:  # every local header in one parallel batch, not a request each
+            # (header, name, extra: torch's alignment padding is under 64 bytes, zip64 adds 20)
+            self._remote.prefetch([(self.start + r.offset, _LOCAL.size + len(r.name.encode()) + 0x100)
+                                   for r in records.values()])
+        for name in order:
+            header, usize, crc = records[name].offset, records[name].size, records[name].crc
+            data = self._local(name, header, usize, cd_offset)
+            records[name] = Record(name, self.start + data, usize, crc)
+            spans.append((header, data + usize, name))
         spans.sort()
         for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
             if begin < end:
@@ -520,6 +543,9 @@ def read_tensor(t: torch.Tensor, path, key: str) -> torch.Tensor:
     first = s.offset + t.storage_offset() * item
     buf = torch.empty(extent * item, dtype=torch.uint8)
     view = writable_buffer(buf)
+    if is_remote(s.file):
+        read_ranges(S3Path(s.file), [(first, len(view), view)])
+        return _as_viewed(buf, s, t)
     try:
         with open(s.file, "rb", buffering=0) as f:
             done = 0
@@ -532,6 +558,10 @@ def read_tensor(t: torch.Tensor, path, key: str) -> torch.Tensor:
     except OSError as e:
         raise CheckpointError(s.file, f"cannot be read for {key!r} ({type(e).__name__}: {e.strerror or e})",
                               "check that the file exists and that this user may read it") from e
+    return _as_viewed(buf, s, t)
+
+
+def _as_viewed(buf: torch.Tensor, s, t: torch.Tensor) -> torch.Tensor:
     values = buf.view(t.dtype)
     if _needs_swap(s, t):
         values.untyped_storage().byteswap(t.dtype)
