@@ -21,6 +21,7 @@ import yaml
 
 from graft.errors import ConfigError
 from graft.loading.plan import ON_MISMATCH
+from graft.storage import S3Path, is_remote
 
 
 @dataclass(kw_only=True)
@@ -172,7 +173,8 @@ class TrainConfig:
     async_save: bool = False
     """Save in the background: training waits only for a snapshot (at most each rank's shard, in host memory)."""
     out_dir: str = "runs/run"
-    """The run folder: config.yaml, metrics.jsonl, checkpoints/."""
+    """The run folder: config.yaml, metrics.jsonl, checkpoints/. A local path, or an S3 prefix
+    `s3://bucket/prefix` (the `[s3]` extra; endpoint and credentials from the AWS_* variables)."""
     seed: int = 0
     """Seeds the model init, the data split and every epoch's data order."""
     max_steps_per_epoch: int | None = None
@@ -200,6 +202,12 @@ class TrainConfig:
             raise ConfigError(f"train.session_epochs={self.session_epochs}; use null or >= 1")
         if self.log_every < 1:
             raise ConfigError("train.log_every must be >= 1")
+        if is_remote(self.out_dir):
+            try:
+                S3Path(self.out_dir)
+            except ValueError as e:
+                raise ConfigError(f"train.out_dir={self.out_dir!r} is not an S3 prefix ({e}); write it "
+                                  "s3://bucket/prefix") from e
 
 
 PRECISIONS = ("no", "bf16", "fp16")
@@ -229,7 +237,7 @@ class RunConfig:
             raise ConfigError(f"precision={self.precision!r}; use one of {list(PRECISIONS)}")
         if self.precision == "fp16" and self.train.strategy == "fsdp2":
             raise ConfigError("precision=fp16 with train.strategy=fsdp2 is not supported; use bf16 or no")
-        if self.init.checkpoint and os.path.abspath(self.init.checkpoint) == os.path.abspath(self.train.out_dir):
+        if self.init.checkpoint and _same_place(self.init.checkpoint, self.train.out_dir):
             raise ConfigError(f"init.checkpoint={self.init.checkpoint!r} is the run's own train.out_dir: "
                              f"to continue that run use --resume, to graft from it use another out_dir")
 
@@ -316,10 +324,32 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _same_place(a: str, b: str) -> bool:
+    """Whether two paths name the same folder (s3:// URLs compared as S3 paths, not as local files)."""
+    if is_remote(a) or is_remote(b):
+        try:
+            return is_remote(a) and is_remote(b) and S3Path(a) == S3Path(b)
+        except ValueError:
+            return False
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML run config (or the defaults when path is None) and apply `section.field=value` overrides."""
+    """Read a YAML run config (or the defaults when path is None) and apply `section.field=value` overrides.
+    `path` may be an s3:// object (the config.yaml of a run folder on S3: `graft resume s3://...`)."""
     tree: dict = {}
-    if path is not None:
+    if path is not None and is_remote(path):
+        try:
+            text = S3Path(path).read_text()
+        except ValueError as e:
+            raise ConfigError(f"config file {path!s}: {e}") from e
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: cannot read the run config: {' '.join(str(e).split())}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: a run config is a YAML mapping of sections, got {type(tree).__name__}")
+    elif path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!s} not found")
         try:

@@ -24,3 +24,30 @@ def pytest_collection_modifyitems(config, items):
             continue
         for marker in TIERS.get(folder, ()):
             item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture(scope="session")
+def real_sources(tmp_path_factory) -> dict:
+    """name -> (checkpoint, the weights the writer held, whether the model has BatchNorm):
+    DeepSpeed ZeRO-3 with frozen parameters (2 ranks), FSDP2 + dcp.save in torchtitan's
+    top-level layout (2 ranks), accelerate save_state (2 processes, as `graft train` starts DDP).
+    Written once per session and shared by every module that reads them (graft convert,
+    graft.open from s3://)."""
+    import torch
+    from launch import REPO, graft_launch, torchrun
+    from safetensors.torch import load_file
+
+    scripts = REPO / "tests/distributed/scripts"
+    ds = tmp_path_factory.mktemp("zero3")
+    torchrun(scripts / "deepspeed_write.py", ds, 3, timeout=600)
+    fsdp = tmp_path_factory.mktemp("fsdp2")
+    torchrun(scripts / "dcp_fsdp2_save.py", fsdp, timeout=300)
+    acc = tmp_path_factory.mktemp("accelerate")
+    graft_launch(scripts / "accelerate_save.py", acc, strategy="ddp", timeout=300)
+    zero3_truth = torch.load(ds / "stage3/expected.pt", weights_only=True)
+    assert zero3_truth["frozen"]  # frozen parameters are part of what must come through
+    return {
+        "zero3": (ds / "stage3", zero3_truth["state_dict"], True),
+        "fsdp2_dcp": (fsdp / "top", load_file(fsdp / "final.safetensors"), False),
+        "accelerate": (acc / "state", load_file(acc / "final_a.safetensors"), False),
+    }

@@ -275,7 +275,7 @@ class S3Env:
 
 def _forget_graft_stores() -> None:
     try:
-        from graft.storage import s3 as graft_s3
+        import graft.storage as graft_s3
     except ImportError:
         return
     graft_s3.clear_caches(stores=True)

@@ -43,8 +43,8 @@ from typing import Sequence
 import torch
 
 from graft._logging import get_logger
-from graft.checkpointing.layout import (CHECKPOINTS, MANIFEST, SHARDS, TMP_PREFIX, TRASH_PREFIX, RunPath, candidates,
-                                        new_hasher, sort_key)
+from graft.checkpointing.layout import (CHECKPOINTS, HASH, MANIFEST, NAME, SHARDS, TMP_PREFIX, TRASH_PREFIX, RunPath,
+                                        candidates, new_hasher, sort_key)
 from graft.checkpointing.shard_writer import Written, write_bytes, write_shard
 from graft.errors import GraftError, StorageError
 from graft.storage import S3Path, as_path, delete, list_prefix, put_bytes, upload_file
@@ -147,10 +147,11 @@ def _clean_staging(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _delete_folder(folder: S3Path) -> int:
-    """Delete every object under `folder`, its manifest first and alone: a folder is never left
-    complete-looking with objects missing, whatever the store does with a bulk delete's order."""
-    objects = [p for p, _ in list_prefix(folder)]
+def _delete_folder(folder: S3Path, objects: list[S3Path] | None = None) -> int:
+    """Delete every object under `folder` (`objects`: as just listed), its manifest first and alone:
+    a folder is never left complete-looking with objects missing, whatever order a bulk delete takes."""
+    if objects is None:
+        objects = [p for p, _ in list_prefix(folder)]
     manifest = folder / MANIFEST
     if manifest in objects:
         delete([manifest])
@@ -159,8 +160,8 @@ def _delete_folder(folder: S3Path) -> int:
 
 
 def _etag(path: S3Path) -> str | None:
-    # upload_file/put_bytes forget what they wrote, so this is one HEAD of the new object.
-    return path.refresh_info().etag if hasattr(path, "refresh_info") else path.stat().etag
+    # upload_file/put_bytes forget what they know of the object they wrote: one HEAD of the new one.
+    return path.stat().etag
 
 
 class S3Checkpoint:
@@ -174,20 +175,22 @@ class S3Checkpoint:
         self.name = name
         self.final = self.root / name
         self.tmp = self.final
+        self.committed = False
 
     def begin(self) -> S3Path:
         """Rank 0, before any rank writes: an older folder of this name goes (a leftover of an
         interrupted save, or a complete checkpoint a run resumed from an older one saves again).
         Its manifest is deleted first, so until the new one commits it is incomplete, not mixed."""
-        if (self.final / MANIFEST) in {p for p, _ in list_prefix(self.final)}:
+        objects = [p for p, _ in list_prefix(self.final)]
+        if self.final / MANIFEST in objects:
             log.warning("%s exists and is complete: it is replaced (its manifest deleted now, the new one "
                         "written when every rank has uploaded its shard)", self.final)
-        _delete_folder(self.final)
-        _clean_staging(staging_root())
+        _delete_folder(self.final, objects)
         return self.final
 
     def _staging(self) -> Path:
         root = staging_root()
+        _clean_staging(root)  # on every rank: each node has its own staging folder
         try:
             root.mkdir(parents=True, exist_ok=True)
             return Path(tempfile.mkdtemp(prefix=f"graft-staging-{os.getpid()}-", dir=root))
@@ -199,10 +202,11 @@ class S3Checkpoint:
         """Write the shard to a local staging file (hashed while written; no fsync: it is read back
         at once and deleted, the store keeps it), upload it, remove it; (written, the object's ETag).
 
-        Why stage instead of streaming into a multipart upload: the upload then runs its parts in
-        parallel from a file (obstore reads them itself) and retries a part by reading it again,
-        where a stream would have to keep every part in flight in memory until it is acknowledged;
-        the cost is local disk for one shard per rank, for the length of the save."""
+        Why stage instead of streaming the writer into a multipart upload: from a file,
+        `upload_file` sends the parts in parallel and reads a failed part again to retry it, and
+        the writer (hashing as it goes) never waits on the network; a stream would need its own
+        part buffers and retry logic. The cost is local disk for one shard per rank for the
+        length of the save (`GRAFT_STAGING_DIR` says where)."""
         stage = self._staging()
         try:
             local = stage / Path(rel).name
@@ -220,19 +224,23 @@ class S3Checkpoint:
         """A small file (JSON, YAML) put from memory, hashed from memory."""
         target = self.final / rel
         put_bytes(target, raw)
-        h = new_hasher()
+        h = new_hasher(HASH)
         h.update(raw)
-        return Written(str(target), len(raw), h.hexdigest(), h.name, {}), _etag(target)
+        return Written(str(target), len(raw), h.hexdigest(), HASH, {}), _etag(target)
 
     def commit(self, manifest: dict) -> S3Path:
         """Put the manifest: the commit (every other file is uploaded by now)."""
         manifest = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         put_bytes(self.final / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+        self.committed = True
         return self.final
 
     def abandon(self) -> None:
         """Rank 0, after every rank has stopped writing: delete what this save uploaded (best effort:
-        the error that stopped the save is the one to report, and the next resume deletes the rest)."""
+        the error that stopped the save is the one to report, and the next resume deletes the rest).
+        Never after the commit: the folder is then the newest complete checkpoint."""
+        if self.committed:
+            return
         try:
             _delete_folder(self.final)
         except GraftError as e:
@@ -288,7 +296,8 @@ def clean_leftovers(run_dir: str | RunPath) -> list[str]:
             return []
         gone = []
         for p in root.iterdir():
-            leftover = p.name.startswith((TMP_PREFIX, TRASH_PREFIX)) or (p.is_dir() and not (p / MANIFEST).is_file())
+            leftover = p.name.startswith((TMP_PREFIX, TRASH_PREFIX)) or (
+                NAME.match(p.name) and p.is_dir() and not (p / MANIFEST).is_file())
             if leftover and _delete_folder(p):
                 gone.append(p.name)
         return gone

@@ -20,6 +20,13 @@ pickle; resume from the newest complete checkpoint (every hash checked, newer br
 skipped and named, leftovers of interrupted saves removed); a lock so two jobs never share a
 run folder; and resume at any world size and under any strategy (graft/checkpointing/restore.py).
 
+The run folder may be an S3 prefix (`graft.Checkpointer("s3://bucket/runs/exp1", ...)`, the
+`[s3]` extra) with the same guarantees: each rank uploads its own shard, the manifest object
+uploaded last is the commit, a folder without one is never resumed from and is deleted by the
+next resume, rotation deletes only after the commit, the lock is a lease (lock.py), and a
+resume reads only each rank's byte ranges. On S3 the "every hash checked" of a resume is every
+size and ETag (why: layout.problem).
+
 What is restored, and how exactly:
 - model and optimizer: every logical tensor bitwise, at any world size and strategy;
 - scheduler: its state_dict (JSON), bitwise; `sampler` (an `EpochSampler`): set to the saved
@@ -61,7 +68,7 @@ from graft.checkpointing import faults, layout
 from graft.checkpointing.async_save import AsyncWriter
 from graft.checkpointing.atomic import clean_leftovers
 from graft.checkpointing.layout import Manifest
-from graft.checkpointing.lock import RunDirLock
+from graft.checkpointing.lock import RunDirLock, S3Lease
 from graft.checkpointing.preempt import PreemptFlag, collective_device, max_over_ranks
 from graft.checkpointing.restore import RestoreStats, read_ranges, restore
 from graft.checkpointing.rng import RNG_POLICY_DERIVED, RNG_POLICY_SAME, capture_rng, derive_rng, restore_rng
@@ -69,6 +76,7 @@ from graft.checkpointing.save import SaveResult, broadcast, prepare, rank_world,
 from graft.checkpointing.slices import StateAdapter
 from graft.checkpointing.torch_adapter import TorchAdapter
 from graft.errors import CheckpointError, ConfigError, GraftError
+from graft.storage import S3Path, as_path
 
 log = get_logger("graft.checkpointing")
 
@@ -86,7 +94,7 @@ POSITION = ("epoch", "step", "batch_in_epoch", "samples_in_epoch")
 class ResumePoint:
     """The checkpoint a run continues from, read once (metadata only: no tensor yet)."""
 
-    folder: Path
+    folder: Path | S3Path
     manifest: Manifest
     train_state: dict
     """train_state.json: the position (epoch, step, ...), the saving run's world size and strategy,
@@ -115,7 +123,7 @@ class Start:
     """The loop's own JSON, as saved."""
     counters: dict
     """This rank's counters (see the module doc for another world size)."""
-    folder: Path
+    folder: Path | S3Path
     rng_policy: str
     """"restored" (same world size) or "derived" (another: generators seeded from seed, step, rank)."""
     saved_world_size: int
@@ -184,10 +192,11 @@ def describe(adapter: StateAdapter) -> dict:
 
 # -- finding the checkpoint to resume -----------------------------------------------------------
 
-def newest(run_dir: Path, clean: bool) -> Path | None:
-    """The newest complete checkpoint of `run_dir` (hashes checked), None if it has no checkpoint
-    folder at all; an error if it has some and none is complete. `clean`: remove leftovers of
-    interrupted saves first (only in the run's own folder: another run's trainer may be writing)."""
+def newest(run_dir: Path | S3Path, clean: bool) -> Path | S3Path | None:
+    """The newest complete checkpoint of `run_dir` (hashes checked; on S3 sizes and ETags, see
+    layout.problem), None if it has no checkpoint folder at all; an error if it has some and none
+    is complete. `clean`: remove leftovers of interrupted saves first (only in the run's own folder:
+    another run's trainer may be writing); on S3 those are the folders without a manifest."""
     if clean:
         cleaned = clean_leftovers(run_dir)
         if cleaned:
@@ -202,13 +211,21 @@ def newest(run_dir: Path, clean: bool) -> Path | None:
     return folder
 
 
-def pick(run_dir: Path, resume: str | Path | None, required: bool = False) -> Path | None:
+def _same_folder(a: Path | S3Path, b: Path | S3Path) -> bool:
+    if isinstance(a, S3Path) or isinstance(b, S3Path):
+        return a == b
+    return a.resolve() == b.resolve()
+
+
+def pick(run_dir: Path | S3Path, resume: str | Path | S3Path | None, required: bool = False) -> Path | S3Path | None:
     """Rank 0: the checkpoint to resume from (None: a fresh run), or the reason there is none.
 
     resume: None (a fresh run: refused if the folder already holds checkpoints), "auto" (the
     newest complete one; None if there is none yet, an error if `required`), or a run folder or
     checkpoint folder path (checked the same way; another run's folder is only read)."""
     if resume is None:
+        if isinstance(run_dir, S3Path):
+            run_dir.refresh()
         existing = [p.name for p in layout.candidates(run_dir) if (p / layout.MANIFEST).is_file()]
         if existing:
             raise ConfigError(f"train.out_dir={str(run_dir)!r} already holds checkpoints ({existing[0]}, ...): "
@@ -220,12 +237,14 @@ def pick(run_dir: Path, resume: str | Path | None, required: bool = False) -> Pa
             raise CheckpointError(run_dir / layout.CHECKPOINTS, "holds no complete checkpoint to resume from (none saved yet)",
                                   "start the run without --resume (a fresh run), or pass --resume PATH")
         return folder
-    p = Path(resume)
+    p = as_path(resume)
+    if isinstance(p, S3Path):
+        p.refresh()
     if not p.exists():
         raise CheckpointError(p, "no such checkpoint or run folder (--resume)",
                               "pass --resume auto, a run folder or one of its checkpoints/epoch_* folders")
     if layout.is_run_dir(p) and not (p / layout.MANIFEST).exists():
-        folder = newest(p, clean=p.resolve() == run_dir.resolve())
+        folder = newest(p, clean=_same_folder(p, run_dir))
         if folder is None:
             raise CheckpointError(p, "holds no checkpoint to resume from", "name a run folder that has one")
         return folder
@@ -236,7 +255,7 @@ def pick(run_dir: Path, resume: str | Path | None, required: bool = False) -> Pa
     return p
 
 
-def read_point(folder: Path) -> ResumePoint:
+def read_point(folder: Path | S3Path) -> ResumePoint:
     """The checkpoint's manifest, train state and config (every rank reads them; small files)."""
     manifest = layout.read_manifest(folder)
     if manifest.version != layout.MANIFEST_VERSION:
@@ -261,8 +280,9 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, *, model=None, optimizer=None, scheduler=None, sampler=None,
                  keep_last: int | None = None, config: dict | None = None, seed: int = 0, lock: bool = True,
                  async_save: bool = False):
-        """run_dir: the run folder (checkpoints/ goes inside). model/optimizer: what the loop trains,
-        wrapped or not (accelerate, DDP, FSDP2, a DeepSpeed engine and its optimizer). scheduler:
+        """run_dir: the run folder (checkpoints/ goes inside), or an s3:// prefix. model/optimizer:
+        what the loop trains, wrapped or not (accelerate, DDP, FSDP2, a DeepSpeed engine and its
+        optimizer). scheduler:
         anything with state_dict()/load_state_dict() whose state is JSON (torch LR schedulers are).
         sampler: a `graft.EpochSampler`, set to the saved position on resume. keep_last: keep
         that many complete checkpoints (older ones are deleted after each commit; None keeps all).
@@ -274,12 +294,12 @@ class Checkpointer:
         group for that thread, here, on every rank."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last={keep_last}; use >= 1 or None (keep every checkpoint)")
-        self.run_dir = Path(run_dir)
+        self.run_dir = as_path(run_dir)
         self.keep_last, self.config, self.seed = keep_last, config, seed
         self.model, self.optimizer, self.scheduler, self.sampler = model, optimizer, scheduler, sampler
         self.rank, self.world = rank_world()
-        self.lock: RunDirLock | None = None
-        self.last_saved: Path | None = None
+        self.lock: RunDirLock | S3Lease | None = None
+        self.last_saved: Path | S3Path | None = None
         """The newest checkpoint this Checkpointer has committed."""
         self.writer: AsyncWriter | None = None
         if async_save:
@@ -307,6 +327,10 @@ class Checkpointer:
         """Fail now, before any step, if the folder cannot hold checkpoints or another job uses it.
         Only rank 0 locks: the other ranks of this job share its lock."""
         faults.check_writable(self.run_dir)
+        if isinstance(self.run_dir, S3Path):
+            self.lock = S3Lease(self.run_dir).acquire()
+            log.info("locked %s (%s)", self.lock.path, self.lock.mode)
+            return
         try:
             self.lock = RunDirLock(self.run_dir).acquire()
         except OSError as e:
@@ -348,7 +372,7 @@ class Checkpointer:
         path = self._agree(lambda: (str(p) if (p := pick(self.run_dir, resume, required)) else None))
         if path is None:
             return None
-        point = read_point(Path(path))
+        point = read_point(as_path(path))
         if self.rank == 0:
             log.info("resuming from %s (saved by %s on %s process(es))", point.folder, point.manifest.strategy,
                      point.manifest.world_size)
@@ -458,7 +482,8 @@ class Checkpointer:
         group = self.writer.group if self.writer is not None else None
         prepared = prepare(self.run_dir, name, adapter, files=files,
                            rank_tensors={layout.rank_name(self.rank, f"{RNG}/{k}"): v for k, v in rng_tensors.items()},
-                           rank_state={RNG: rng_meta, COUNTERS: dict(counters or {})}, group=group)
+                           rank_state={RNG: rng_meta, COUNTERS: dict(counters or {})}, group=group,
+                           guard=self.lock.check if isinstance(self.lock, S3Lease) else None)
         info = {**position, **describe(adapter)}
         if self.writer is None:
             return self._committed(write(prepared, info=info, keep_last=self.keep_last))

@@ -19,8 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from graft.errors import RunDirError, StorageError
+from graft.errors import GraftError, RunDirError, StorageError
 from graft.checkpointing.layout import MANIFEST, TMP_PREFIX, candidates
+from graft.storage import S3Path, as_path, put_bytes
 
 PROBE_PREFIX = ".probe-"
 
@@ -107,10 +108,14 @@ def explain(e: OSError, run_dir: Path, during: str, cls: type[RunDirError] = Run
                "make the folder writable for this user (chown / chmod), or set train.out_dir to a folder you own")
 
 
-def check_writable(run_dir: str | os.PathLike) -> None:
+def check_writable(run_dir: str | os.PathLike | S3Path) -> None:
     """Create RUN_DIR (and its parents) and prove a file can be created, fsynced and removed in it,
-    so a folder that cannot hold checkpoints fails now, before any training step."""
-    run_dir = Path(run_dir)
+    so a folder that cannot hold checkpoints fails now, before any training step. On S3: put and
+    delete a probe object (the bucket exists, the credentials may write and delete there)."""
+    run_dir = as_path(run_dir)
+    if isinstance(run_dir, S3Path):
+        _check_writable_s3(run_dir)
+        return
     probe = run_dir / f"{PROBE_PREFIX}{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,35 @@ def check_writable(run_dir: str | os.PathLike) -> None:
         if err is None:
             raise
         raise err from e
+
+
+def _check_writable_s3(run_dir: S3Path) -> None:
+    probe = run_dir / f"{PROBE_PREFIX}{os.getpid()}"
+    try:
+        put_bytes(probe, b"graft write probe\n")
+        probe.unlink(missing_ok=True)
+    except GraftError as e:
+        # graft.storage says what S3 refused and why; said here as the run folder's problem.
+        problem = getattr(e, "problem", str(e))
+        way_out = getattr(e, "way_out", None) or "check the bucket, the credentials and AWS_ENDPOINT_URL"
+        raise RunDirError(run_dir, f"cannot hold checkpoints (at start: {problem})", way_out) from e
+
+
+def upload_failed(run_dir: str | os.PathLike | S3Path, name: str, failure: dict) -> StorageError:
+    """The StorageError every rank raises when a rank's upload (or a put of rank 0's) failed:
+    which rank, what S3 said, that no manifest was written and what is intact. `failure` is
+    save._failure() of a graft.storage error."""
+    run_dir = as_path(run_dir)
+    g = failure["graft"]
+    try:
+        newest = next((p.name for p in candidates(run_dir) if (p / MANIFEST).is_file()), None)
+    except GraftError:
+        newest = None  # the storage that refused the upload may refuse the listing too
+    kept = (f"the newest complete checkpoint {newest} is intact" if newest else "no checkpoint was completed yet")
+    rank = f" on rank {failure['rank']}" if failure.get("rank") else ""
+    return StorageError(run_dir, f"saving checkpoint {name} failed{rank}: {g['path']}: {g['problem']}; no manifest "
+                                 f"was written, so {name} is not a checkpoint; {kept}",
+                        f"{g['way_out'] or 'check the storage'} (a stopped run continues with --resume auto)")
 
 
 def describe_failure(e: OSError, rank: int = 0) -> dict:

@@ -49,7 +49,7 @@ import torch
 
 from graft.errors import CheckpointError
 from graft.loading.formats import json_file
-from graft.storage import S3Path, as_path, is_remote, open_file
+from graft.storage import S3Path, as_path, open_file
 from graft.loading.formats.base import dtype_name
 
 # -- folders of a run ------------------------------------------------------------------
@@ -379,7 +379,11 @@ def problem(folder: str | RunPath, hashes: bool = True) -> str | None:
 
 
 def newest_complete(run_dir: str | RunPath, hashes: bool = True) -> tuple[RunPath | None, list[tuple[RunPath, str]]]:
-    """(newest complete checkpoint or None, [(skipped newer folder, why)])."""
+    """(newest complete checkpoint or None, [(skipped newer folder, why)]). On S3 from a fresh
+    listing: what graft.storage keeps of the bucket may predate another writer's changes."""
+    run_dir = as_path(run_dir)
+    if isinstance(run_dir, S3Path):
+        run_dir.refresh()
     skipped = []
     for folder in candidates(run_dir):
         why = problem(folder, hashes=hashes)

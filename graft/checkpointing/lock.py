@@ -24,6 +24,29 @@ and taken over; a record of a live process, or of a process on another host (who
 cannot be checked from here), refuses, and the message says to delete RUN_DIR/.lock if that
 run is gone. Only rank 0 takes the lock: the other ranks of the same job never touch it, a
 second job's rank 0 conflicts with the first's.
+
+A run folder on S3 (`S3Lease`) has no kernel lock and no lock that dies with its holder, so
+RUN_DIR/.lock is an object holding the owner's record, taken as a LEASE:
+
+- created with a conditional put (If-None-Match: *): of two trainers starting at once, one wins;
+- renewed by a thread of the holder every `lease_s / 4` with a conditional put on the ETag it
+  last wrote (If-Match): if another process took the lock over meanwhile, the renewal fails,
+  the holder learns it lost the folder, and its next save is refused on every rank;
+- taken over when it is stale: its last renewal (the object's Last-Modified, the server's
+  clock, against this host's: a skew well under the lease is harmless) is older than its
+  lease, or its record names a process of this host that is gone (kill -9, as flock would see
+  it at once); the takeover is itself conditional (If-Match on the stale object's ETag), so two
+  takers cannot both win;
+- deleted on release.
+
+A store without conditional writes (they came to AWS S3 in 2024; most S3-compatible stores have
+them) answers the first put with "not implemented": the run then goes on without a lock, with a
+warning, rather than not at all.
+
+Why not skip it: two trainers on one S3 prefix would delete each other's uploads (a resume
+deletes every folder without a manifest, which includes the other's save in progress) and
+interleave checkpoints, exactly what the lock prevents on a disk. The cost is one small PUT
+per renewal. A crashed holder on another host blocks the folder for at most `lease_s`.
 """
 
 from __future__ import annotations
@@ -35,11 +58,13 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 from graft._logging import get_logger
-from graft.errors import RunDirLocked
+from graft.errors import CheckpointError, GraftError, RunDirLocked
+from graft.storage import S3Path, as_path, delete
 
 log = get_logger(__name__)
 
@@ -185,17 +210,28 @@ class RunDirLock:
         self.release()
 
 
-def refusal(run_dir: str | os.PathLike, owner: dict | None, mode: str = "flock") -> RunDirLocked:
+def refusal(run_dir: str | os.PathLike | S3Path, owner: dict | None, mode: str = "flock",
+            lock_path: S3Path | None = None) -> RunDirLocked:
     """The error of a start refused because `owner` holds RUN_DIR (`mode`: what told us)."""
     way_out = "wait for that run to finish or stop it, or give this run another train.out_dir"
+    if mode == "lease":
+        lease = (owner or {}).get("lease_s", LEASE_S)
+        way_out += (f"; on S3 the lock is a lease renewed by its holder: if that run is gone it expires "
+                    f"{lease:.0f}s after its last renewal, or delete {lock_path} now")
     if mode == "record":
         way_out += (f"; this filesystem has no working flock, so the lock is only the record in "
                     f"{Path(run_dir) / LOCK_FILE}: if that run is gone, delete the file")
     return RunDirLocked(run_dir, f"is in use by another trainer: {describe(owner)}", way_out, owner)
 
 
-def ensure_free(run_dir: str | os.PathLike) -> None:
+def ensure_free(run_dir: str | os.PathLike | S3Path) -> None:
     """Raise `graft.RunDirLocked` if a trainer holds RUN_DIR now (a check for launchers; takes nothing)."""
+    if isinstance(as_path(run_dir), S3Path):
+        lease = S3Lease(run_dir)
+        found = lease.read()
+        if found is not None and not lease.stale(*found):
+            raise refusal(run_dir, found[0], "lease", lease.path)
+        return
     owner, mode = _probe(run_dir)
     if owner is not None:
         raise refusal(run_dir, owner, mode)
@@ -226,3 +262,156 @@ def _probe(run_dir: str | os.PathLike) -> tuple[dict | None, str]:
         return None, "flock"  # got it: nobody holds it (closing the descriptor drops the shared lock)
     finally:
         os.close(fd)
+
+
+# -- S3: a lease ---------------------------------------------------------------------------------
+
+LEASE_S = 60.0
+"""How long a run folder on S3 stays locked after its holder's last renewal (renewed every
+quarter); $GRAFT_S3_LEASE_S overrides it."""
+
+
+class _Conflict(Exception):
+    """A conditional put lost: the object exists (create) or changed (If-Match)."""
+
+
+class _Unsupported(Exception):
+    """The store does not implement conditional puts."""
+
+
+def _conditional_put(path: S3Path, data: bytes, mode) -> str:
+    """Put `data` at `path` only if absent (mode "create") or still at ETag `mode`; the new ETag.
+
+    graft.storage has no conditional put (yet), so this uses its bucket's store directly: the one
+    place here that reaches into graft.storage's internals (replace it by the public call when
+    graft.storage has one)."""
+    from graft.storage.failures import classify, write_error
+    from graft.storage.stores import store_for
+
+    bucket = store_for(path)
+    try:
+        result = bucket.obs.put(bucket.store, path.key, data, mode="create" if mode == "create" else {"e_tag": mode})
+    except Exception as e:  # noqa: BLE001 - obstore's errors, sorted below
+        if classify(e)[0] in ("changed", "missing") or type(e).__name__ == "AlreadyExistsError":
+            raise _Conflict() from e
+        if "NotImplemented" in str(e) or "status code: 501" in str(e) or type(e).__name__ == "NotImplementedError":
+            raise _Unsupported(str(e)) from e
+        raise write_error(bucket, path, e, "writing the run folder's lock") from e
+    finally:
+        bucket.forget(path.key)
+    return result["e_tag"]
+
+
+class S3Lease:
+    """The lock of a run folder on S3 (see the module doc). `mode` is "lease"; `lost` turns true if
+    another process took it over (this one stopped renewing in time), `check()` then raises."""
+
+    mode = "lease"
+
+    def __init__(self, run_dir: str | S3Path, lease_s: float | None = None):
+        self.run_dir = S3Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.lease_s = float(lease_s if lease_s is not None else os.environ.get("GRAFT_S3_LEASE_S", LEASE_S))
+        self.lost = False
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> tuple[dict, str | None, float] | None:
+        """(record, ETag, seconds since its last renewal) of the lock object, None when there is none."""
+        self.path.refresh()  # another process writes it: never a cached answer
+        try:
+            if not self.path.is_file():
+                return None
+            info = self.path.stat()
+            record = json.loads(self.path.read_bytes() or b"{}")
+        except CheckpointError as e:
+            if "no such object" in e.problem:
+                return None  # released between the two requests
+            raise
+        except ValueError:
+            record = {}  # torn or foreign: judged by its age alone
+        return (record if isinstance(record, dict) else {}), info.etag, time.time() - info.st_mtime
+
+    def stale(self, record: dict, etag: str | None, age: float) -> bool:
+        """Whether a lock found is free to take: its lease ran out, or its holder is gone from this host."""
+        lease = record.get("lease_s", self.lease_s)
+        lease = lease if isinstance(lease, (int, float)) else self.lease_s
+        # + 1 s: Last-Modified has whole seconds, so an object renewed just now may look 1 s older.
+        return age > lease + 1 or alive(record) is False
+
+    def acquire(self) -> "S3Lease":
+        """Take the lease or raise `graft.RunDirLocked` naming the holder; then renew it in the background."""
+        assert self._thread is None, "acquired twice"
+        data = json.dumps({**owner_record(), "lease_s": self.lease_s}).encode()
+        try:
+            self._etag = _conditional_put(self.path, data, "create")
+        except _Unsupported as e:
+            self.mode = "none"
+            log.warning("%s: this store has no conditional writes (%s): the run goes on without a lock, so "
+                        "nothing stops a second trainer on this folder", self.path, e)
+            return self
+        except _Conflict:
+            found = self.read()
+            if found is None:  # released in between: one more try, still conditional
+                try:
+                    self._etag = _conditional_put(self.path, data, "create")
+                except _Conflict:
+                    raise refusal(self.run_dir, None, "lease", self.path) from None
+            else:
+                record, etag, age = found
+                if not self.stale(record, etag, age):
+                    raise refusal(self.run_dir, record, "lease", self.path) from None
+                try:
+                    self._etag = _conditional_put(self.path, data, etag)
+                except _Conflict:  # another process took it over first
+                    now = self.read()
+                    raise refusal(self.run_dir, now[0] if now else None, "lease", self.path) from None
+                log.warning("%s: the previous owner (%s) ended without releasing it (last renewed %.0fs ago); "
+                            "taking over", self.path, describe(record), age)
+        self._thread = threading.Thread(target=self._renew, name="graft-s3-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        data = json.dumps({**owner_record(), "lease_s": self.lease_s}).encode()
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                self._etag = _conditional_put(self.path, data, self._etag)
+            except _Unsupported:
+                self.mode = "none"
+                log.warning("%s: this store refuses conditional writes: the lock is no longer renewed", self.path)
+                return
+            except _Conflict:
+                self.lost = True
+                log.error("%s: another process took this run folder's lock over (this one did not renew it "
+                          "within %.0fs); the next save is refused", self.path, self.lease_s)
+                return
+            except GraftError as e:  # the network: the next renewal may work, the lease has room
+                log.warning("%s: could not renew the lock (%s); retrying", self.path, e)
+
+    def check(self) -> None:
+        """Raise `graft.RunDirLocked` if the lease was lost (another process holds the folder now)."""
+        if self.lost:
+            found = self.read()
+            raise refusal(self.run_dir, found[0] if found else None, "lease", self.path)
+
+    def release(self) -> None:
+        """Stop renewing and delete the lock object (idempotent); a lost lease is left to its new holder."""
+        if self._thread is None:
+            return  # never held (or held without a lock: a store without conditional writes)
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if not self.lost:
+            try:
+                delete([self.path])
+            except GraftError as e:
+                log.warning("%s: could not delete the lock (%s); it expires %.0fs after its last renewal",
+                            self.path, e, self.lease_s)
+
+    def __enter__(self) -> "S3Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -15,11 +15,14 @@ thread on a snapshot of the pieces: one owner of the format. On every rank toget
    the cut allows: each rank computes the same cut from the same metadata, so no byte is
    written twice and none is missed;
 3. every rank streams its pieces into `shards/rank_<r>.safetensors` (straight from memory,
-   hashed while written, fsynced); rank 0 also writes the small JSON/YAML `files`;
+   hashed while written, fsynced); rank 0 also writes the small JSON/YAML `files`. On S3 the
+   shard is streamed into a local staging file and uploaded, every rank at once (atomic.py);
 4. every rank sends rank 0 its file's size, hash and pieces (all_gather_object again; a failed
    write travels the same way, so every rank raises the same error and none waits forever);
 5. rank 0 checks that the pieces of every logical tensor tile it exactly, writes state.json
-   and the manifest (the commit), renames, rotates, and tells every rank the outcome.
+   and the manifest (the commit), renames, rotates, and tells every rank the outcome. On S3:
+   the records of step 4 arrive only after every rank's upload succeeded, so the manifest is
+   put after every other object; a failed upload on any rank is one StorageError on all.
 
 No rank gathers or copies a tensor; a rank's extra memory is the staging buffer for device
 tensors (`shard_writer.STAGING_BYTES`) and the metadata (an asynchronous save adds its snapshot).
@@ -39,11 +42,12 @@ import torch.distributed as dist
 
 from graft._logging import get_logger
 from graft.checkpointing import faults, layout
-from graft.checkpointing.atomic import AtomicCheckpoint, clean_leftovers, rotate
-from graft.checkpointing.layout import FileEntry, Piece, TensorEntry
-from graft.checkpointing.shard_writer import STAGING_BYTES, write_bytes, write_shard
+from graft.checkpointing.atomic import AtomicCheckpoint, S3Checkpoint, clean_leftovers, open_checkpoint, rotate
+from graft.checkpointing.layout import FileEntry, Piece, RunPath, TensorEntry
+from graft.checkpointing.shard_writer import STAGING_BYTES
 from graft.checkpointing.slices import Holding, StateAdapter, whole
-from graft.errors import GraftError
+from graft.errors import CheckpointError, GraftError, RunDirError
+from graft.storage import as_path
 from graft.loading.formats.base import dtype_name
 
 log = get_logger(__name__)
@@ -122,7 +126,7 @@ def share(rep: Sequence[Holding], quota: Sequence[int], rank: int) -> list[Holdi
 
 @dataclass
 class SaveResult:
-    folder: Path
+    folder: RunPath
     bytes_per_rank: list[int]
     seconds: float
     """Start to commit; for a save still in the background: the time training was blocked."""
@@ -136,8 +140,8 @@ class Prepared:
     """One rank's part of checkpoint `name`, agreed by every rank (`prepare`), and everything small
     captured at that moment, so `write` may run later, from another thread, and save this moment."""
 
-    run_dir: Path
-    atomic: AtomicCheckpoint
+    run_dir: RunPath
+    atomic: AtomicCheckpoint | S3Checkpoint
     rank: int
     world: int
     pieces: list[Holding]
@@ -164,20 +168,29 @@ def _failure(e: BaseException, rank: int) -> dict:
     """A failure as plain data (crosses ranks in an all_gather, unlike some exceptions)."""
     if isinstance(e, OSError):
         return {**faults.describe_failure(e, rank), "type": type(e).__name__}
-    return {"rank": rank, "type": type(e).__name__, "errno": None, "strerror": str(e), "filename": None}
+    out = {"rank": rank, "type": type(e).__name__, "errno": None, "strerror": str(e), "filename": None}
+    if isinstance(e, (RunDirError, CheckpointError)):
+        # graft.storage's refusals (an upload or a read of S3 failed), worded where they happened.
+        out["graft"] = {"path": e.path, "problem": e.problem, "way_out": e.way_out}
+    return out
 
 
-def _agreed(run_dir: Path, atomic: AtomicCheckpoint, failure: dict, own: BaseException | None,
+def _agreed(run_dir: RunPath, atomic: AtomicCheckpoint | S3Checkpoint, failure: dict, own: BaseException | None,
             rank: int, group=None) -> BaseException:
     """The error every rank raises when any rank failed (every rank is here): rank 0 removes the
-    temp folder and words it; a fault the user can fix (disk full, read-only...) is the same one-line
-    `graft.StorageError` on every rank, anything else stays each rank's own exception."""
+    temp folder (on S3: the objects this save uploaded) and words it; a fault the user can fix (disk
+    full, read-only, S3 refusing or unreachable...) is the same one-line `graft.StorageError` on every
+    rank, anything else stays each rank's own exception."""
     mine = None
     if rank == 0:
-        if failure["errno"] is not None:
-            mine = faults.save_failed(run_dir, atomic.tmp, failure, remove=True,
-                                      own=own if isinstance(own, OSError) else None)
-        atomic.abandon()
+        if failure.get("graft") is not None:
+            atomic.abandon()  # first: the message names the newest complete checkpoint left
+            mine = faults.upload_failed(run_dir, atomic.name, failure)
+        else:
+            if failure["errno"] is not None and not atomic.remote:
+                mine = faults.save_failed(run_dir, atomic.tmp, failure, remove=True,
+                                          own=own if isinstance(own, OSError) else None)
+            atomic.abandon()
     shared = broadcast(mine if isinstance(mine, GraftError) else None, group)
     if shared is not None:
         return mine if rank == 0 else shared
@@ -214,12 +227,14 @@ def save(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[s
 
 def prepare(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dict[str, Any] | None = None,
             rank_tensors: dict[str, torch.Tensor] | None = None, rank_state: dict | None = None,
-            group=None) -> Prepared:
+            group=None, guard=None) -> Prepared:
     """Steps 1-2 on every rank: open the temp folder, agree who writes which bytes; capture the
-    small state (copies). The pieces stay views of live memory."""
+    small state (copies). The pieces stay views of live memory. `guard`: rank 0 calls it first; an
+    error it raises (a run folder lock lost) fails the save on every rank."""
     started = time.perf_counter()
     rank, world = rank_world()
-    atomic = AtomicCheckpoint(run_dir, name)
+    run_dir = as_path(run_dir)
+    atomic = open_checkpoint(run_dir, name)
     holdings = adapter.holdings()
     own = [h for h in holdings if not h.replicated]
     own += [whole(k, t, replicated=False) for k, t in (rank_tensors or {}).items()]
@@ -230,12 +245,14 @@ def prepare(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dic
     began = None
     if rank == 0:
         try:
+            if guard is not None:
+                guard()
             atomic.begin()
-        except OSError as e:
+        except (OSError, GraftError) as e:  # every rank waits below: it must hear of this
             began = _failure(e, 0)
     meta = all_gather((sum(h.nbytes for h in own), _signature(rep), began), group)
     if meta[0][2] is not None:
-        raise _agreed(Path(run_dir), atomic, meta[0][2], None, rank, group)
+        raise _agreed(run_dir, atomic, meta[0][2], None, rank, group)
     if len({m[1] for m in meta}) != 1:
         raise RuntimeError("the ranks hold different replicated tensors (names, shapes or dtypes differ): "
                            "every rank must build the same model and optimizer")
@@ -244,7 +261,7 @@ def prepare(run_dir: str | Path, name: str, adapter: StateAdapter, *, files: dic
     serialised = {rel: obj if isinstance(obj, bytes) else json.dumps(obj, indent=1).encode()
                   for rel, obj in (files or {}).items()} if rank == 0 else {}
     return Prepared(
-        run_dir=Path(run_dir), atomic=atomic, rank=rank, world=world, pieces=mine,
+        run_dir=run_dir, atomic=atomic, rank=rank, world=world, pieces=mine,
         tensors={h.name: (list(h.shape), dtype_name(h.dtype)) for h in [*holdings, *own]},
         state=_copy_json(rank_state), files=serialised,
         adapter_state=_copy_json(adapter.extra_state()) if rank == 0 else None, kind=adapter.kind,
@@ -261,14 +278,13 @@ def write(p: Prepared, *, info: dict | None = None, keep_last: int | None = None
     try:
         sources = [h.local for h in p.pieces] if data is None else data
         items = [(layout.piece_key(h.name, h.start, h.stop), t) for h, t in zip(p.pieces, sources, strict=True)]
-        written = write_shard(p.atomic.tmp / shard, items, {"format": "graft-shard", "rank": rank},
-                              staging_bytes=staging_bytes)
-        extra = {rel: write_bytes(p.atomic.tmp / rel, raw) for rel, raw in p.files.items()}
+        extra = {rel: p.atomic.write_file(rel, raw) for rel, raw in p.files.items()}
+        written, etag = p.atomic.write_shard(shard, items, {"format": "graft-shard", "rank": rank}, staging_bytes)
         record = {
-            "file": shard, "size": written.size, "hash": written.hash, "algo": written.algo,
+            "file": shard, "size": written.size, "hash": written.hash, "algo": written.algo, "etag": etag,
             "pieces": [(h.name, written.offsets[k], h.start, h.stop) for (k, _), h in zip(items, p.pieces)],
             "tensors": p.tensors,
-            "extra": {rel: (w.size, w.hash, w.algo) for rel, w in extra.items()},
+            "extra": {rel: (w.size, w.hash, w.algo, tag) for rel, (w, tag) in extra.items()},
             "state": p.state,
         }
     except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is re-raised
@@ -290,7 +306,7 @@ def write(p: Prepared, *, info: dict | None = None, keep_last: int | None = None
     outcome = broadcast(outcome, group)
     if isinstance(outcome, dict) and "failed" in outcome:
         raise _agreed(p.run_dir, p.atomic, outcome["failed"], err_obj, rank, group)
-    sizes = [r["size"] + sum(s for s, _, _ in r["extra"].values()) for r in records]
+    sizes = [r["size"] + sum(e[0] for e in r["extra"].values()) for r in records]
     return SaveResult(p.atomic.final, sizes, time.perf_counter() - p.started, outcome or [])
 
 
@@ -312,14 +328,25 @@ def _commit(p: Prepared, records: list[dict], info: dict, keep_last: int | None)
         if why is not None:  # an adapter bug: never commit a checkpoint that cannot be restored
             raise RuntimeError(f"{tname}: the saved pieces do not cover it exactly: {why}")
     state = {"adapter": p.adapter_state, "ranks": [r["state"] for r in records]}
-    state_file = write_bytes(atomic.tmp / layout.STATE, json.dumps(state, indent=1).encode())
-    files = {r["file"]: FileEntry(r["size"], r["hash"], r["algo"], rank) for rank, r in enumerate(records)}
-    for rel, (size, digest, algo) in records[0]["extra"].items():
-        files[rel] = FileEntry(size, digest, algo)
-    files[layout.STATE] = FileEntry(state_file.size, state_file.hash, state_file.algo)
+    state_file, state_etag = atomic.write_file(layout.STATE, json.dumps(state, indent=1).encode())
+    files = {r["file"]: FileEntry(r["size"], r["hash"], r["algo"], rank, r["etag"]) for rank, r in enumerate(records)}
+    for rel, (size, digest, algo, etag) in records[0]["extra"].items():
+        files[rel] = FileEntry(size, digest, algo, etag=etag)
+    files[layout.STATE] = FileEntry(state_file.size, state_file.hash, state_file.algo, etag=state_etag)
     manifest = layout.manifest_json(files, tensors, world_size=world, strategy=p.kind, info=info)
     final = atomic.commit(manifest)
-    deleted = rotate(atomic.root.parent, keep_last, final)
+    if atomic.remote:
+        try:
+            deleted = rotate(atomic.root.parent, keep_last, final)
+        except GraftError as e:
+            # The checkpoint is committed: a refused delete must not fail the save (which would
+            # tell every rank it was lost). The old folders stay complete; the next rotation
+            # deletes them (it takes every complete one beyond keep_last).
+            log.warning("keep_last=%s: could not delete older checkpoints of %s (%s); the next save retries",
+                        keep_last, atomic.root, e)
+            deleted = []
+    else:
+        deleted = rotate(atomic.root.parent, keep_last, final)
     total = sum(f.size for f in files.values())
     log.info("saved %s (%.1f MB from %d rank(s))", final, total / 1e6, world)
     return deleted

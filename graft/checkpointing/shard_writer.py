@@ -65,10 +65,11 @@ def write_bytes(path: str | Path, data: bytes, algo: str = HASH) -> Written:
 
 
 class _durable:
-    """An fd for a new file; fsync and close on the way out; write errors name the file."""
+    """An fd for a new file; fsync (unless `fsync=False`) and close on the way out; write errors name the file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fsync: bool = True):
         self.path = path
+        self.fsync = fsync
 
     def __enter__(self) -> int:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -76,7 +77,7 @@ class _durable:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            if exc_type is None:
+            if exc_type is None and self.fsync:
                 try:
                     os.fsync(self.fd)
                 except OSError as e:
@@ -124,8 +125,9 @@ def _header(items: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str])
 
 
 def write_shard(path: str | Path, items: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None,
-                *, algo: str = HASH, staging_bytes: int = STAGING_BYTES) -> Written:
-    """Write `items` (key, 1-D tensor) as one safetensors file; fsynced; hashed while written."""
+                *, algo: str = HASH, staging_bytes: int = STAGING_BYTES, fsync: bool = True) -> Written:
+    """Write `items` (key, 1-D tensor) as one safetensors file; fsynced (unless `fsync=False`: a
+    staging copy read back at once); hashed while written."""
     path = Path(path)
     for key, t in items:
         assert t.dim() == 1 and t.dtype in _ST_NAME, (key, t.shape, t.dtype)
@@ -133,7 +135,7 @@ def write_shard(path: str | Path, items: Sequence[tuple[str, torch.Tensor]], met
     hasher = new_hasher(algo)
     staging = _Staging(staging_bytes)
     size = len(head)
-    with ThreadPoolExecutor(1, thread_name_prefix="graft-hash") as pool, _durable(path) as fd:
+    with ThreadPoolExecutor(1, thread_name_prefix="graft-hash") as pool, _durable(path, fsync) as fd:
 
         def put(view: memoryview) -> None:
             # Hash and write the same bytes at once; the next piece waits for both (the

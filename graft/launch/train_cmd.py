@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from graft.checkpointing.layout import RUN_CONFIG  # the resolved config the trainer writes into every run folder
+from graft.errors import GraftError
 from graft.launch.commands import (
     ENV_ERROR_FILE,
     STRATEGIES,
@@ -243,7 +244,7 @@ def resume_overrides(run_dir: Path, epochs: int | None, policy: str | None) -> l
 SAVED_STRATEGY = {"single": "ddp", "ddp": "ddp", "fsdp2": "fsdp"}
 
 
-def saved_launch(run_dir: Path) -> dict | None:
+def saved_launch(run_dir) -> dict | None:
     """train_state.json of the run's newest complete checkpoint (world_size, strategy, zero_stage), if any."""
     from graft.checkpointing import layout
 
@@ -253,15 +254,17 @@ def saved_launch(run_dir: Path) -> dict | None:
         folder, _ = layout.newest_complete(run_dir, hashes=False)
         if folder is None:
             return None
-        state = json.loads((Path(folder) / layout.TRAIN_STATE).read_text())
-    except (OSError, ValueError):
+        state = json.loads((folder / layout.TRAIN_STATE).read_text())
+    except (OSError, ValueError, GraftError):
         return None  # the trainer reports what is wrong with the folder, with more context
-    return {**state, "_folder": Path(folder).name} if isinstance(state, dict) else None
+    return {**state, "_folder": folder.name} if isinstance(state, dict) else None
 
 
 def cmd_resume(args) -> int:
     _check_overrides(args.overrides)
-    run_dir = Path(args.run_dir)
+    from graft.storage import as_path
+
+    run_dir = as_path(args.run_dir)  # a local folder or an s3:// prefix (its config.yaml is read from there)
     config = run_dir / RUN_CONFIG
     if not config.is_file():
         raise SystemExit(f"graft: error: {str(run_dir)!r} has no {RUN_CONFIG}: is it a run folder the trainer "

@@ -40,6 +40,7 @@ from graft.config import RunConfig
 from graft.data import build_datasets
 from graft.errors import ConfigError
 from graft.sampler import EpochSampler
+from graft.storage import S3Path, as_path, put_bytes
 from graft.trainer import resume as resuming
 from graft.trainer.metrics import MetricsWriter
 from graft.trainer.schedule import Schedule
@@ -103,7 +104,7 @@ class Trainer:
         self.acc = make_accelerator(cfg)
         self.strategy = make_strategy(self.acc, cfg.train.strategy)
         self.is_main = self.acc.is_main_process
-        self.run_dir = Path(cfg.train.out_dir)
+        self.run_dir = as_path(cfg.train.out_dir)  # a local folder or an s3:// prefix
         self.device = self.acc.device
         self.state = TrainState(world_size=self.strategy.world)
         self.summary: dict = {"run_dir": str(self.run_dir), "strategy": self.strategy.kind,
@@ -120,12 +121,18 @@ class Trainer:
             raise
 
     @property
-    def last_saved(self) -> Path | None:
+    def last_saved(self) -> Path | S3Path | None:
         return self.ckpt.last_saved
 
     def close(self) -> None:
-        """Wait for a background save to commit, release the run folder (rank 0's lock). Idempotent."""
-        self.ckpt.close()
+        """Wait for a background save to commit, release the run folder (rank 0's lock), upload the
+        metrics of an S3 run folder. Idempotent."""
+        try:
+            self.ckpt.close()
+        finally:
+            metrics = getattr(self, "metrics", None)
+            if metrics is not None:
+                metrics.close()
 
     # -- setup -------------------------------------------------------------------------
     def setup(self) -> None:
@@ -164,8 +171,11 @@ class Trainer:
                                  cfg.train.epochs * self.steps_per_epoch)
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
         if self.is_main:
-            with faults.explained(self.run_dir, layout.RUN_CONFIG):
-                write_bytes(self.run_dir / layout.RUN_CONFIG, cfg.to_yaml().encode())
+            if isinstance(self.run_dir, S3Path):
+                put_bytes(self.run_dir / layout.RUN_CONFIG, cfg.to_yaml().encode())
+            else:
+                with faults.explained(self.run_dir, layout.RUN_CONFIG):
+                    write_bytes(self.run_dir / layout.RUN_CONFIG, cfg.to_yaml().encode())
         self.rank_extra: dict = {"loss_sum": 0.0, "loss_count": 0}
         self.ckpt.track(model=self.model, optimizer=self.optimizer, scheduler=self.schedule, sampler=self.sampler)
         if self.point is not None:
@@ -218,6 +228,7 @@ class Trainer:
         self.metrics.write("save", epoch=st.epoch, step=st.step, checkpoint=result.folder.name,
                            seconds=round(result.seconds, 3), bytes_per_rank=result.bytes_per_rank,
                            background=result.background)
+        self.metrics.sync()  # an S3 run folder's metrics.jsonl, uploaded whole (no append there)
         return result.folder
 
     # -- train / evaluate --------------------------------------------------------------

@@ -50,7 +50,7 @@ def _local_sources(root: Path) -> dict[str, Path]:
     torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, out["torch"])
     run = root / "run"
     save_run(run, "epoch_000001", TorchAdapter(Layers(4, 256), None, "single"), info={"epoch": 1, "step": 1})
-    out["graft-run"] = run
+    out["graft"] = run
     return out
 
 

@@ -1,4 +1,4 @@
-"""graft.storage.s3 against a real S3-compatible server (moto on 127.0.0.1, tests/s3_server.py).
+"""graft.storage against a real S3-compatible server (moto on 127.0.0.1, tests/s3_server.py).
 
 Bytes and requests are counted by the TCP proxy between graft and the server, so "fetched
 at most 1.05x" and "the listing is cached" are measured on the wire, not taken from graft's
@@ -24,7 +24,7 @@ from s3_server import s3, s3_server  # noqa: E402,F401 - the fixtures
 
 import graft  # noqa: E402
 from graft.errors import CheckpointError, GraftError, StorageError  # noqa: E402
-from graft.storage import s3 as gs3  # noqa: E402
+from graft.storage import stores as gs3  # noqa: E402 - settings, clear_caches, the stores themselves
 from graft.storage import (  # noqa: E402
     MissingExtraError,
     S3Path,
