@@ -64,7 +64,7 @@ from pathlib import Path
 
 from graft._logging import get_logger
 from graft.errors import CheckpointError, GraftError, RunDirLocked
-from graft.storage import S3Path, as_path, delete
+from graft.storage import ConditionalWritesUnsupported, PreconditionFailed, S3Path, as_path, delete, put_if
 
 log = get_logger(__name__)
 
@@ -271,35 +271,9 @@ LEASE_S = 60.0
 quarter); $GRAFT_S3_LEASE_S overrides it."""
 
 
-class _Conflict(Exception):
-    """A conditional put lost: the object exists (create) or changed (If-Match)."""
-
-
-class _Unsupported(Exception):
-    """The store does not implement conditional puts."""
-
-
 def _conditional_put(path: S3Path, data: bytes, mode) -> str:
-    """Put `data` at `path` only if absent (mode "create") or still at ETag `mode`; the new ETag.
-
-    graft.storage has no conditional put (yet), so this uses its bucket's store directly: the one
-    place here that reaches into graft.storage's internals (replace it by the public call when
-    graft.storage has one)."""
-    from graft.storage.failures import classify, write_error
-    from graft.storage.stores import store_for
-
-    bucket = store_for(path)
-    try:
-        result = bucket.obs.put(bucket.store, path.key, data, mode="create" if mode == "create" else {"e_tag": mode})
-    except Exception as e:  # noqa: BLE001 - obstore's errors, sorted below
-        if classify(e)[0] in ("changed", "missing") or type(e).__name__ == "AlreadyExistsError":
-            raise _Conflict() from e
-        if "NotImplemented" in str(e) or "status code: 501" in str(e) or type(e).__name__ == "NotImplementedError":
-            raise _Unsupported(str(e)) from e
-        raise write_error(bucket, path, e, "writing the run folder's lock") from e
-    finally:
-        bucket.forget(path.key)
-    return result["e_tag"]
+    """Put `data` at `path` only if absent (mode "create") or still at ETag `mode`; the new ETag."""
+    return put_if(path, data, if_absent=True) if mode == "create" else put_if(path, data, if_match=mode)
 
 
 class S3Lease:
@@ -346,17 +320,17 @@ class S3Lease:
         data = json.dumps({**owner_record(), "lease_s": self.lease_s}).encode()
         try:
             self._etag = _conditional_put(self.path, data, "create")
-        except _Unsupported as e:
+        except ConditionalWritesUnsupported as e:
             self.mode = "none"
             log.warning("%s: this store has no conditional writes (%s): the run goes on without a lock, so "
                         "nothing stops a second trainer on this folder", self.path, e)
             return self
-        except _Conflict:
+        except PreconditionFailed:
             found = self.read()
             if found is None:  # released in between: one more try, still conditional
                 try:
                     self._etag = _conditional_put(self.path, data, "create")
-                except _Conflict:
+                except PreconditionFailed:
                     raise refusal(self.run_dir, None, "lease", self.path) from None
             else:
                 record, etag, age = found
@@ -364,7 +338,7 @@ class S3Lease:
                     raise refusal(self.run_dir, record, "lease", self.path) from None
                 try:
                     self._etag = _conditional_put(self.path, data, etag)
-                except _Conflict:  # another process took it over first
+                except PreconditionFailed:  # another process took it over first
                     now = self.read()
                     raise refusal(self.run_dir, now[0] if now else None, "lease", self.path) from None
                 log.warning("%s: the previous owner (%s) ended without releasing it (last renewed %.0fs ago); "
@@ -378,11 +352,11 @@ class S3Lease:
         while not self._stop.wait(self.lease_s / 4):
             try:
                 self._etag = _conditional_put(self.path, data, self._etag)
-            except _Unsupported:
+            except ConditionalWritesUnsupported:
                 self.mode = "none"
                 log.warning("%s: this store refuses conditional writes: the lock is no longer renewed", self.path)
                 return
-            except _Conflict:
+            except PreconditionFailed:
                 self.lost = True
                 log.error("%s: another process took this run folder's lock over (this one did not renew it "
                           "within %.0fs); the next save is refused", self.path, self.lease_s)

@@ -28,9 +28,14 @@ from graft.storage.paths import S3File, S3Path, S3Stat, as_path, is_remote, open
 from graft.storage.reading import read_ranges, read_ranges_many
 from graft.storage.stores import clear_caches, open_stores
 from graft.storage.tuning import settings
-from graft.storage.writing import delete, list_prefix, put_bytes, upload_file, upload_tree
+from graft.storage.writing import (
+    ConditionalWritesUnsupported, PreconditionFailed, delete, list_prefix, put_bytes, put_if, upload_file, upload_tree,
+)
 
 __all__ = [
+    "ConditionalWritesUnsupported",
+    "PreconditionFailed",
+    "put_if",
     "MissingExtraError",
     "S3File",
     "S3Path",

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from graft.storage.failures import read_error
+from graft.storage.failures import classify, read_error, write_error
 from graft.storage.paths import S3Path
 from graft.storage.stores import store_for
 from graft.storage.tuning import settings
@@ -25,6 +25,37 @@ def put_bytes(path: str | S3Path, data) -> None:
     """Write `data` (bytes-like) as the object `path` (multipart above settings.upload_part_size)."""
     path = S3Path(path)
     store_for(path).put(path, data)
+
+
+class PreconditionFailed(Exception):
+    """A conditional put found the object present (`if_absent`) or changed (`if_match`)."""
+
+
+class ConditionalWritesUnsupported(Exception):
+    """The store refuses conditional writes (some S3-compatible stores have none)."""
+
+
+def put_if(path: str | S3Path, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+    """Write `data` as `path` only if no object is there (`if_absent`) or the object there still
+    has ETag `if_match`; returns the new ETag. The primitive for a lock on a store without
+    locks: two writers cannot both succeed. Raises PreconditionFailed when the condition does
+    not hold, ConditionalWritesUnsupported when the store has no such writes, and StorageError
+    for any other refusal."""
+    if if_absent == (if_match is not None):
+        raise ValueError("put_if: give exactly one of if_absent=True or if_match=<etag>")
+    path = S3Path(path)
+    bucket = store_for(path)
+    try:
+        result = bucket.obs.put(bucket.store, path.key, data, mode="create" if if_absent else {"e_tag": if_match})
+    except Exception as e:  # noqa: BLE001 - obstore's errors, sorted below
+        if classify(e)[0] in ("changed", "missing") or type(e).__name__ == "AlreadyExistsError":
+            raise PreconditionFailed(str(path)) from e
+        if "NotImplemented" in str(e) or "status code: 501" in str(e) or type(e).__name__ == "NotImplementedError":
+            raise ConditionalWritesUnsupported(str(e)) from e
+        raise write_error(bucket, path, e, "a conditional write") from e
+    finally:
+        bucket.forget(path.key)
+    return result["e_tag"]
 
 
 def upload_file(local_path: str | os.PathLike, path: str | S3Path) -> int:

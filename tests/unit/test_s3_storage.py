@@ -468,3 +468,18 @@ def test_env_is_read_at_first_use_and_a_changed_env_makes_a_new_store(s3, monkey
     monkeypatch.setattr(gs3.settings, "attempts", 1)
     with pytest.raises(CheckpointError, match=r"(?s)cannot be read.*endpoint http://127.0.0.1:9"):
         S3Path(s3.url("x.bin")).stat()
+
+
+def test_put_if_lets_only_one_writer_win(s3):
+    from graft.storage import PreconditionFailed, put_if
+
+    url = s3.url("run/.lock")
+    first = put_if(url, b"a", if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        put_if(url, b"b", if_absent=True)
+    with pytest.raises(PreconditionFailed):
+        put_if(url, b"c", if_match='"not-the-etag"')
+    second = put_if(url, b"d", if_match=first)
+    assert second != first and s3.get("run/.lock") == b"d"
+    with pytest.raises(ValueError, match="exactly one"):
+        put_if(url, b"e")
