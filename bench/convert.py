@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from linear_layers import layout, make_state, probe  # noqa: E402
 from procstats import PeakRss, launch_workers, run_in_child, warm_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,27 +54,6 @@ MB = 1 << 20
 # ---------------------------------------------------------------------------------------
 # The sources (written once, by the real tools)
 # ---------------------------------------------------------------------------------------
-def layout(gb: float) -> tuple[int, int]:
-    hidden = 4096 if gb >= 1 else 2048
-    layers = max(2, round(gb * 2**30 / (4 * hidden * (hidden + 1))))
-    return hidden, layers
-
-
-def make_state(hidden: int, layers: int) -> dict:
-    import torch
-
-    sd = {}
-    for i in range(layers):
-        g = torch.Generator().manual_seed(i)
-        sd[f"layers.{i}.weight"] = torch.randn(hidden, hidden, generator=g)
-        sd[f"layers.{i}.bias"] = torch.randn(hidden, generator=g)
-    return sd
-
-
-def probe(t) -> list[float]:
-    return [float(x) for x in t.reshape(-1)[:4]]
-
-
 def zero3_worker(settings: dict) -> None:
     """Under torchrun: build the model with make_state's values, ZeRO-3 it, save_checkpoint."""
     import deepspeed

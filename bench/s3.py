@@ -68,6 +68,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from linear_layers import layout, make_state, probe  # noqa: E402
 from procstats import PeakRss, run_in_child  # noqa: E402
 
 MB = 1 << 20
@@ -81,31 +82,9 @@ BUCKET = "graft-bench-s3"
 # ---------------------------------------------------------------------------------------
 # The model and the sources (shared by the parent and every child)
 # ---------------------------------------------------------------------------------------
-def layout(gb: float) -> tuple[int, int]:
-    """(hidden, layers) of Linear(hidden, hidden) layers summing to about `gb` GiB of fp32."""
-    hidden = 4096 if gb >= 1 else 2048
-    layers = max(4, round(gb * GIB / (4 * hidden * (hidden + 1))))
-    return hidden, layers
-
-
 def picked_layers(layers: int) -> tuple[int, int]:
     """The two layers the filtered scenario keeps: apart, so graft reads two separate ranges."""
     return 1, layers // 2 + 1
-
-
-def make_state(hidden: int, layers: int) -> dict:
-    import torch
-
-    sd = {}
-    for i in range(layers):
-        g = torch.Generator().manual_seed(i)
-        sd[f"layers.{i}.weight"] = torch.randn(hidden, hidden, generator=g)
-        sd[f"layers.{i}.bias"] = torch.randn(hidden, generator=g)
-    return sd
-
-
-def probe(t) -> list[float]:
-    return [float(x) for x in t.reshape(-1)[:4]]
 
 
 def build_model(hidden: int, layers: int):
@@ -349,7 +328,7 @@ def main() -> int:
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"--formats: unknown format {f!r}; choose from {tuple(FORMATS)}")
-    hidden, layers = layout(gb)
+    hidden, layers = layout(gb, min_layers=4)
     picked = picked_layers(layers)
     layer_bytes = 4 * hidden * (hidden + 1)
     planned = {"full": layers * layer_bytes, "filtered": len(picked) * layer_bytes}
