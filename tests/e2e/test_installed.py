@@ -119,7 +119,8 @@ def test_wheel_metadata_has_ranges_that_admit_the_tested_set(wheel):
     torch = [r for r in requires if r.name == "torch"]
     assert len(torch) == 1 and torch[0].marker is None and torch[0].specifier, torch  # a core range
     core = {r.name for r in requires if r.marker is None}
-    assert core == {"torch", "blake3", "pyyaml", "tqdm"}, core  # training, DeepSpeed, plotting stay extras
+    # training, DeepSpeed, plotting and S3 stay extras
+    assert core == {"torch", "blake3", "pyyaml", "tqdm", "zlib-ng"}, core
     tested = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
     tested = {k.lower().replace("_", "-"): v for k, v in tested.items()}
     for r in requires:
@@ -169,7 +170,8 @@ def test_init_train_resume_inspect_from_an_empty_folder(user_env):
 
 def _metadata_only_wheel(folder: Path, name: str, version: str) -> Path:
     """A wheel holding nothing but the metadata of `name==version`: what pip's resolver reads."""
-    dist = f"{name}-{version}.dist-info"
+    stem = f"{name.replace('-', '_')}-{version}"  # a wheel's file and folder names spell - as _
+    dist = f"{stem}.dist-info"
     files = {f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
              f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = []
@@ -177,7 +179,7 @@ def _metadata_only_wheel(folder: Path, name: str, version: str) -> Path:
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
         record.append(f"{path},sha256={digest},{len(text.encode())}")
     files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
-    whl = folder / f"{name}-{version}-py3-none-any.whl"
+    whl = folder / f"{stem}-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
         for path, text in files.items():
             z.writestr(path, text)
@@ -190,7 +192,7 @@ def test_an_install_keeps_the_users_allowed_torch(wheel, tmp_path, torch_version
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     have = {"torch": torch_version, **{n: tested[k] for n, k in (("blake3", "blake3"), ("pyyaml", "PyYAML"),
-                                                                   ("tqdm", "tqdm"))}}
+                                                                   ("tqdm", "tqdm"), ("zlib-ng", "zlib-ng"))}}
     python = _new_venv(tmp_path / "venv")
     proc, output = _pip_into(python, "--no-deps", *(_metadata_only_wheel(stubs, n, v) for n, v in have.items()))
     assert proc.returncode == 0, output
