@@ -145,3 +145,37 @@ def run_and_sigterm(cmd: list[str], ready, *, poll: float, timeout: float = 240)
     assert proc.returncode == 0, output
     assert "preempted" in output
     return output
+
+
+def kill_savers_at_random(target, run_dir, store, world: int, last: int, rnd, *,
+                          before: tuple[float, float], gap: float) -> int:
+    """One kill -9 trial: fork `world` ranks running target(run_dir, store, rank, pipe), which say
+    "ready" once their group is up, receive `last` (the newest checkpoint known committed), then
+    save until killed. After a random `before` delay every rank is SIGKILLed, in random order,
+    the first up to `gap` seconds ahead of the rest. Returns the newest checkpoint rank 0
+    reported committed (`last` if none)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    pipes = [ctx.Pipe() for _ in range(world)]
+    procs = [ctx.Process(target=target, args=(run_dir, store, r, pipes[r][1]), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    for parent, _ in pipes:  # the group is up: from here on the ranks only save
+        assert parent.poll(60) and parent.recv() == "ready"
+    for parent, _ in pipes:
+        parent.send(last)
+    time.sleep(rnd.uniform(*before))
+    order = rnd.sample(procs, world)
+    os.kill(order[0].pid, signal.SIGKILL)
+    time.sleep(rnd.uniform(0, gap))
+    for p in order[1:]:
+        os.kill(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.join(10)
+    while pipes[0][0].poll():
+        last = max(last, pipes[0][0].recv())
+    return last

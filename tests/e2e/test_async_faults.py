@@ -10,10 +10,7 @@ resume removes the partial one. The disk is a real tmpfs of 20 MB (the tests run
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import random
-import signal
 import time
 
 import pytest
@@ -21,6 +18,7 @@ import torch
 
 import graft
 from graft.checkpointing import layout
+from run_helpers import kill_savers_at_random
 from test_faults import assert_all_complete, tmpfs
 from test_resume import _Synthetic  # weights that are a function of the checkpoint number
 
@@ -121,31 +119,16 @@ def test_kill_9_during_background_writes_never_loses_a_complete_checkpoint(tmp_p
     killed at a random moment, one first. The resume (Checkpointer.find: cleans leftovers, checks
     every hash) must pick a checkpoint at least as new as the last one known committed, with
     exactly the weights of its step (not the ones training wrote over them afterwards)."""
+    import torch.distributed.fsdp  # noqa: F401 - what Checkpointer imports lazily: once here, not in every child
     from graft.checkpointing.restore import read_logical
 
-    ctx = multiprocessing.get_context("fork")
+    layout.new_hasher()  # the hash module imported here too
     rnd = random.Random(4321)
     run_dir = tmp_path / "run"
     last, trials, leftovers, started = 0, 0, 0, time.time()
     while trials < 22 and time.time() - started < 150:
-        pipes = [ctx.Pipe() for _ in range(WORLD)]
-        procs = [ctx.Process(target=_train_and_save, args=(str(run_dir), str(tmp_path / f"store{trials}"), r,
-                                                            pipes[r][1]), daemon=True) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for parent, _ in pipes:
-            assert parent.poll(60) and parent.recv() == "ready"
-        for parent, _ in pipes:
-            parent.send(last)
-        time.sleep(rnd.uniform(0.05, 0.4))
-        order = rnd.sample(procs, WORLD)
-        os.kill(order[0].pid, signal.SIGKILL)
-        time.sleep(rnd.uniform(0, 0.03))
-        os.kill(order[1].pid, signal.SIGKILL)
-        for p in procs:
-            p.join(10)
-        while pipes[0][0].poll():
-            last = max(last, pipes[0][0].recv())
+        last = kill_savers_at_random(_train_and_save, str(run_dir), str(tmp_path / f"store{trials}"), WORLD, last,
+                                     rnd, before=(0.05, 0.4), gap=0.03)
         trials += 1
         root = run_dir / layout.CHECKPOINTS
         leftovers += any(p.name.startswith(".") for p in root.iterdir()) if root.is_dir() else 0

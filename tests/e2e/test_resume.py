@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import random
-import signal
 import sys
 import time
 
@@ -24,7 +21,7 @@ from graft.errors import CheckpointError
 from graft.launch.plot import plot_run
 from graft.trainer import run
 from launch import REPO
-from run_helpers import events, run_and_sigterm, state_differences, step_lines, tiny_config, tiny_overrides
+from run_helpers import events, kill_savers_at_random, run_and_sigterm, state_differences, step_lines, tiny_config, tiny_overrides
 
 pytestmark = pytest.mark.e2e
 
@@ -200,32 +197,13 @@ def test_kill_9_during_sharded_saves_never_loses_a_complete_checkpoint(tmp_path)
 
     layout.new_hasher()  # the hash module imported here too
 
-    ctx = multiprocessing.get_context("fork")
     rnd = random.Random(1234)
     run_dir = str(tmp_path / "run")
     last_committed = 0
     trials, leftovers, started = 0, 0, time.time()
     while trials < 24 and time.time() - started < 150:
-        pipes = [ctx.Pipe() for _ in range(KILL_WORLD)]
-        store = str(tmp_path / f"store{trials}")
-        procs = [ctx.Process(target=_save_forever, args=(run_dir, store, r, pipes[r][1]), daemon=True)
-                 for r in range(KILL_WORLD)]
-        for p in procs:
-            p.start()
-        for parent, _ in pipes:  # the group is up: from here on the ranks only save
-            assert parent.poll(60) and parent.recv() == "ready"
-        for parent, _ in pipes:
-            parent.send(last_committed)
-        time.sleep(rnd.uniform(0.02, 0.4))
-        order = rnd.sample(procs, KILL_WORLD)
-        os.kill(order[0].pid, signal.SIGKILL)
-        time.sleep(rnd.uniform(0, 0.05))
-        for p in order[1:]:
-            os.kill(p.pid, signal.SIGKILL)
-        for p in procs:
-            p.join(10)
-        while pipes[0][0].poll():
-            last_committed = pipes[0][0].recv()
+        last_committed = kill_savers_at_random(_save_forever, run_dir, str(tmp_path / f"store{trials}"), KILL_WORLD,
+                                               last_committed, rnd, before=(0.02, 0.4), gap=0.05)
         trials += 1
         # What resume-auto does: clean leftovers, pick the newest complete checkpoint.
         leftovers += bool(clean_leftovers(run_dir))
